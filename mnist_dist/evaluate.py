@@ -1,0 +1,106 @@
+"""Score saved weights on the 10,000 MNIST test images: accuracy, per class, confusion matrix.
+
+    python -m mnist_dist.evaluate runs/20240101-120000            # a run folder or a .safetensors file
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m mnist_dist.evaluate RUN
+
+Any number of processes gives the same numbers: the test set is sharded over
+them and `gather_for_metrics` counts every image exactly once.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from mnist_dist.data import DeviceMNIST, load_tensors, prepare_mnist, whole_batch
+from mnist_dist.model import Net
+from mnist_dist.settings import RunError
+
+
+def load_net(path: str | Path) -> Net:
+    """A Net in eval mode with the weights of a run folder (its model.safetensors) or a .safetensors file."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise RunError(f"no weights at '{file}': pass a run folder holding model.safetensors "
+                       "or a .safetensors file.")
+    try:
+        net = Net()
+        net.load_state_dict(load_file(file))
+    except Exception as err:  # not safetensors, truncated, unreadable, or another model's weights
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise RunError(f"cannot load weights from '{file}' ({type(err).__name__}: {first_line}).") from None
+    return net.eval()
+
+
+@torch.inference_mode()
+def confusion_matrix(net: Net, loader, accelerator: Accelerator) -> torch.Tensor:
+    """10x10 counts over the whole loader (rows: true digit, columns: predicted), identical on every rank."""
+    counts = torch.zeros(100, dtype=torch.long)
+    for x, y in loader:
+        # Drops the images the sharded loader repeated to even out the ranks.
+        pred, true = accelerator.gather_for_metrics((net(x).argmax(1), y))
+        counts += torch.bincount((true * 10 + pred).cpu(), minlength=100)
+    return counts.view(10, 10)
+
+
+def summarize(confusion: torch.Tensor) -> dict:
+    """The JSON result: accuracy and per-class accuracy in percent, counts, and the matrix."""
+    per_class_total = confusion.sum(1)
+    correct, total = int(confusion.trace()), int(confusion.sum())
+    return {"accuracy": 100 * correct / total, "correct": correct, "total": total,
+            "per_class": [100 * int(confusion[c, c]) / max(int(per_class_total[c]), 1) for c in range(10)],
+            "confusion": confusion.tolist()}
+
+
+def report(r: dict) -> str:
+    lines = [f"test accuracy {r['accuracy']:.2f}% ({r['correct']}/{r['total']})", "per-class accuracy:"]
+    lines += [f"  {c}: {acc:6.2f}%  ({r['confusion'][c][c]}/{sum(r['confusion'][c])})"
+              for c, acc in enumerate(r["per_class"])]
+    lines += ["confusion matrix (rows: true digit, columns: predicted):",
+              "true\\pred" + "".join(f"{c:>6}" for c in range(10))]
+    lines += [f"{c:>9}" + "".join(f"{n:>6}" for n in row) for c, row in enumerate(r["confusion"])]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist_dist.evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("weights", help="run folder (its model.safetensors) or a .safetensors file")
+    parser.add_argument("--data-dir", default="data", help="MNIST root; filled from the offline copy if empty")
+    parser.add_argument("--batch-size", type=int, default=1000, help="test images per step, per process")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        # Every rank loads (and so fails) alike: no rank is left waiting in a collective.
+        net = load_net(args.weights).to(accelerator.device)
+        with accelerator.main_process_first():  # one process extracts the files
+            root = prepare_mnist(args.data_dir)
+    except RunError as err:
+        if accelerator.is_main_process:
+            print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
+    loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
+    result = summarize(confusion_matrix(net, loader, accelerator))
+    if accelerator.is_main_process:
+        print(report(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

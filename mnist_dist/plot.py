@@ -1,0 +1,66 @@
+"""The seed's final graph: accuracy and loss against epochs, train and test.
+
+    python -m mnist_dist.plot RUN_DIR [RUN_DIR ...] [-o curves.png]
+
+redraws it from each run's metrics.json; several runs are overlaid.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and clusters have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
+    """Draw accuracy and loss per epoch for each named metrics dict into `path` (PNG)."""
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for i, (name, m) in enumerate(runs.items()):
+        ep = [e["epoch"] for e in m["epochs"]]
+        color = f"C{i}"
+        label = f"{name} " if len(runs) > 1 else ""
+        for ax, key in ((acc_ax, "acc"), (loss_ax, "loss")):
+            ax.plot(ep, [e[f"train_{key}"] for e in m["epochs"]], "--", color=color, label=f"{label}train")
+            ax.plot(ep, [e[f"val_{key}"] for e in m["epochs"]], "-o", ms=3, color=color, label=f"{label}test")
+        if m.get("reached_target"):
+            for ax in (acc_ax, loss_ax):
+                ax.axvline(m["stop_epoch"], color=color, ls=":", lw=1)
+            acc_ax.annotate(f"stop: epoch {m['stop_epoch']}, {m['final_val_acc']:.2f}%",
+                            (m["stop_epoch"], m["final_val_acc"]), textcoords="offset points",
+                            xytext=(-10, -28 - 12 * i), ha="right", fontsize=8, color=color)
+    target = next(iter(runs.values()))["target_acc"]
+    acc_ax.axhline(target, color="gray", lw=1, label=f"target {target}%")
+    acc_ax.set_ylim(max(90.0, acc_ax.get_ylim()[0]), 100)
+    acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    loss_ax.set(title="Loss", xlabel="epoch", ylabel="cross-entropy", yscale="log")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mnist_dist.plot", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.json")
+    parser.add_argument("-o", "--output", type=Path, help="PNG to write (default: RUN_DIR/curves.png "
+                                                          "for one run, curves.png for several)")
+    args = parser.parse_args(argv)
+    runs = {}
+    for run in args.runs:
+        try:
+            runs[run.name] = json.loads((run / "metrics.json").read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"cannot read {run / 'metrics.json'}: {err}")
+    out = args.output or (args.runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
+    draw_curves(runs, out)
+    print(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""What to train: one flat dataclass, from which the command line is generated.
+
+Where to run (processes, machines, precision) belongs to `accelerate launch`
+and its config; what to train belongs here. Each field's help gives its unit
+and scope ("per process" or "global").
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class RunError(RuntimeError):
+    """A problem the user can fix: printed as one paragraph, without a traceback."""
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Settings:
+    epochs: int = _opt(19, "most epochs to train; the seed asks for fewer than 20")
+    target_acc: float = _opt(99.41, "stop once validation accuracy reaches this, in percent")
+    batch_size: int = _opt(512, "training images per step, per process")
+    global_batch_size: int = _opt(0, "if > 0: training images per step over all processes "
+                                     "(per process = this / world size); overrides --batch-size")
+    lr: float = _opt(0.02, "peak learning rate of the one-cycle schedule, per optimizer step")
+    schedule_epochs: int = _opt(8, "epochs over which the one-cycle schedule anneals; "
+                                   "after that the learning rate stays at its floor")
+    dropout: float = _opt(0.05, "Dropout2d probability after each conv block")
+    rotation: float = _opt(7.0, "random rotation of training images, +- degrees (0 = none)")
+    seed: int = _opt(1, "seed for weights, shuffling, dropout and augmentation")
+    data_dir: str = _opt("data", "MNIST root; filled from the offline copy or a download if empty")
+    output_dir: str = _opt("", "run folder; default: a new runs/<timestamp>")
+    train_limit: int = _opt(0, "use only the first N training images (0 = all 60,000)")
+    test_limit: int = _opt(0, "use only the first N test images (0 = all 10,000)")
+    loader: str = _opt("tensor", "input path: 'tensor' (device-resident, batched augmentation) "
+                                 "or 'torchvision' (the seed's DataLoader)", choices=["tensor", "torchvision"])
+    workers: int = _opt(2, "DataLoader worker processes per process (torchvision loader only)")
+    eval_batch_size: int = _opt(1000, "test images per evaluation step, per process")
+    channels_last: bool = _opt(True, "NHWC memory layout for the convolutions")
+    compile: bool = _opt(False, "torch.compile the network")
+    mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
+                                    "launch or its config", choices=["", "no", "bf16", "fp16", "fp8"])
+    timeout: int = _opt(120, "seconds a collective may wait for another rank before the job fails")
+
+    def check(self) -> None:
+        """Raise RunError naming the first invalid value and what is allowed."""
+        rules = [
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (0 < self.target_acc <= 100, "--target-acc is a percentage in (0, 100]"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.global_batch_size >= 0, "--global-batch-size must be 0 (off) or positive"),
+            (self.lr > 0, "--lr must be positive"),
+            (self.schedule_epochs >= 1, "--schedule-epochs must be at least 1"),
+            (0 <= self.dropout < 1, "--dropout is a probability in [0, 1)"),
+            (self.rotation >= 0, "--rotation is a non-negative number of degrees"),
+            (self.train_limit >= 0 and self.test_limit >= 0, "--train-limit/--test-limit must be 0 (all) or positive"),
+            (self.workers >= 0, "--workers must be 0 or more"),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
+            (self.timeout >= 1, "--timeout must be at least 1 second"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise RunError(message)
+
+    def as_flat_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist_dist.train",
+        description="Train the seed's 9,720-parameter CNN on MNIST until validation accuracy "
+                    "reaches the target. Launch with 'accelerate launch -m mnist_dist.train'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(Settings):
+        # Both spellings: --target-acc as here, --target_acc as accelerate's own flags.
+        flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
+        kw = dict(default=f.default, help=f.metadata["help"], dest=f.name)
+        if f.type is bool:
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(*flags, type=f.type, choices=f.metadata.get("choices"), **kw)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    """Settings from the command line; invalid values exit with argparse's usage error."""
+    parser = build_parser()
+    settings = Settings(**vars(parser.parse_args(argv)))
+    try:
+        settings.check()
+    except RunError as err:
+        parser.error(str(err))
+    return settings

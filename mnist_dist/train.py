@@ -1,0 +1,236 @@
+"""Train the seed's CNN on MNIST with Hugging Face Accelerate, stopping at the target accuracy.
+
+    python -m mnist_dist.train                  # one process, CPU or one GPU
+    accelerate launch -m mnist_dist.train       # as `accelerate config` / --config_file says
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m mnist_dist.train
+
+Every option is listed by `python -m mnist_dist.train --help`.
+"""
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import accelerate
+import psutil
+import torch
+import torch.nn.functional as F
+import torchvision
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mnist_dist.data import make_loaders, prepare_mnist
+from mnist_dist.model import Net, count_params, summary_table
+from mnist_dist.plot import draw_curves
+from mnist_dist.settings import RunError, Settings, parse_args
+
+
+def reached(correct: int, total: int, target_acc: float) -> bool:
+    """Whether `correct` of `total` is at least `target_acc` percent (9,941/10,000 >= 99.41)."""
+    return 100 * correct / total >= target_acc
+
+
+def sharding(seed: int) -> DataLoaderConfiguration:
+    """One permutation per epoch, seeded identically on every rank, then split into disjoint shards."""
+    return DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
+
+
+def check_launch(state: PartialState, mixed_precision: str) -> None:
+    """Refuse the launch modes that would silently train the wrong thing."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise RunError(
+            f"{launched} processes were launched but Accelerate sees a single process, so every one "
+            "would train on all the data and write the same files. On a machine without GPUs use "
+            "'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
+            "(with torchrun, set ACCELERATE_USE_CPU=1)."
+        )
+    if mixed_precision == "fp16" and state.device.type == "cpu":
+        raise RunError(
+            "fp16 mixed precision needs a CUDA GPU; on the CPU Accelerate would silently train in fp32. "
+            "Use --mixed_precision bf16 (CPU autocast) or no."
+        )
+
+
+def claim_output_dir(s: Settings, state: PartialState) -> Path:
+    """Agree on the run folder across ranks; refuse one that holds a run or cannot be written."""
+    msg = [s.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}", None]
+    if state.is_main_process:
+        out = Path(msg[0])
+        try:
+            if (out / "config.json").exists():
+                msg[1] = (f"'{out}' already holds a run; pass a new --output-dir "
+                          "(or leave it out for a fresh runs/<timestamp>).")
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / ".write-test").touch()
+                (out / ".write-test").unlink()
+        except OSError as err:
+            msg[1] = f"cannot write the run folder '{out}' ({err.strerror}); choose another --output-dir."
+    broadcast_object_list(msg)  # every rank must raise together, or the others hang
+    if msg[1]:
+        raise RunError(msg[1])
+    return Path(msg[0])
+
+
+@torch.inference_mode()
+def evaluate(model, loader, accelerator: Accelerator) -> tuple[float, int, int]:
+    """(mean loss, correct, total) over the whole loader, identical on every rank.
+
+    `gather_for_metrics` drops the samples that the sharded loader repeated to
+    give every rank equal batches, so each image counts exactly once.
+    """
+    model.eval()
+    loss_sum, correct, total = 0.0, 0, 0
+    for x, y in loader:
+        logits = model(x)
+        losses, hits = accelerator.gather_for_metrics(
+            (F.cross_entropy(logits.float(), y, reduction="none"), logits.argmax(1) == y))
+        loss_sum += losses.sum().item()
+        correct += int(hits.sum())
+        total += len(hits)
+    return loss_sum / total, correct, total
+
+
+def train(s: Settings) -> dict:
+    """Train until validation accuracy reaches `s.target_acc` or `s.epochs` run out; return the metrics."""
+    t_start = psutil.Process().create_time()  # wall_seconds count from process start, imports included
+    # The process group comes first: the ranks must agree on the run folder
+    # before the Accelerator, whose TensorBoard tracker needs it, exists.
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=s.timeout))
+    out = claim_output_dir(s, state)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=s.mixed_precision or None,
+        log_with="tensorboard",
+        project_dir=out,
+        dataloader_config=sharding(s.seed),
+        # The schedule below is defined per optimizer step, whatever the process count.
+        step_scheduler_with_optimizer=False,
+    )
+    check_launch(state, accelerator.mixed_precision)
+    world = accelerator.num_processes
+    if s.global_batch_size:
+        if s.global_batch_size % world:
+            raise RunError(f"--global-batch-size {s.global_batch_size} does not divide over {world} processes.")
+        s = dataclasses.replace(s, batch_size=s.global_batch_size // world)
+    run_info = {**s.as_flat_dict(), "output_dir": str(out), "world_size": world,
+                "global_batch": s.batch_size * world, "mixed_precision": accelerator.mixed_precision,
+                "distributed_type": str(accelerator.distributed_type), "device": str(accelerator.device)}
+    accelerator.init_trackers("tensorboard", config=run_info)
+    if accelerator.is_main_process:
+        versions = {"python": platform.python_version(), "torch": torch.__version__,
+                    "torchvision": torchvision.__version__, "accelerate": accelerate.__version__}
+        (out / "config.json").write_text(json.dumps({**run_info, "versions": versions}, indent=2))
+
+    set_seed(s.seed)  # the same initial weights on every rank
+    with accelerator.local_main_process_first():  # one process per machine fetches or extracts files
+        root = prepare_mnist(s.data_dir)
+    train_loader, test_loader = make_loaders(s, root, accelerator.device)
+
+    model = Net(s.dropout)
+    n_params = count_params(model)
+    accelerator.print(summary_table(model))
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if s.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    steps_per_epoch = len(train_loader)
+    schedule_steps = steps_per_epoch * min(s.schedule_epochs, s.epochs)
+    scheduler = accelerator.prepare(
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=schedule_steps))
+    set_seed(s.seed, device_specific=True)  # distinct dropout masks and rotations per rank
+
+    accelerator.print(f"{n_params:,} parameters | {world} process(es), {accelerator.distributed_type}, "
+                      f"precision {accelerator.mixed_precision} | global batch {s.batch_size * world}, "
+                      f"{steps_per_epoch} steps/epoch | run folder {out}")
+    history, step = [], 0
+    show_bar = accelerator.is_main_process and sys.stderr.isatty()
+    for epoch in range(1, s.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        train_loader.set_epoch(epoch)
+        sums = torch.zeros(2, device=accelerator.device)  # loss * n, correct: on the device, no sync per step
+        seen = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not show_bar, unit="batch")
+        for x, y in bar:
+            if s.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            if step < schedule_steps:  # after the cycle the rate stays at its floor
+                scheduler.step()
+            step += 1
+            sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
+            seen += len(y)
+            if show_bar and step % 10 == 0:
+                loss_sum, hits = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * hits / seen:.2f}%",
+                                img_s=f"{seen * world / (time.perf_counter() - t0):,.0f}")
+        # Global training metrics: summed over every rank, not rank 0's share.
+        loss_sum, hits, seen = accelerator.reduce(torch.cat([sums, sums.new_tensor([seen])]), "sum").tolist()
+        train_seconds = time.perf_counter() - t0
+        # BatchNorm running statistics drift apart per rank; average them so that
+        # every rank evaluates, and rank 0 saves, the same model.
+        if world > 1:
+            for buf in accelerator.unwrap_model(model).buffers():
+                if buf.is_floating_point():
+                    buf.copy_(accelerator.reduce(buf.clone(), "mean"))
+        val_loss, correct, total = evaluate(model, test_loader, accelerator)
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * hits / seen,
+               "val_loss": val_loss, "val_acc": 100 * correct / total, "seconds": time.perf_counter() - t0,
+               "train_seconds": train_seconds, "train_images": int(seen), "val_correct": correct, "val_total": total,
+               "elapsed": time.time() - t_start}
+        history.append(row)
+        accelerator.log({"train/loss": row["train_loss"], "train/acc": row["train_acc"],
+                         "val/loss": row["val_loss"], "val/acc": row["val_acc"],
+                         "lr": scheduler.get_last_lr()[0], "seconds_per_epoch": row["seconds"]}, step=epoch)
+        accelerator.print(f"epoch {epoch:2d}/{s.epochs}  train loss {row['train_loss']:.4f} acc "
+                          f"{row['train_acc']:6.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% "
+                          f"({correct}/{total})  {row['seconds']:.1f} s")
+        if reached(correct, total, s.target_acc):
+            accelerator.set_trigger()
+        if accelerator.check_trigger():  # a sum over ranks: every rank leaves on the same epoch
+            break
+
+    done = reached(correct, total, s.target_acc)
+    metrics = {"params": n_params, "target_acc": s.target_acc, "reached_target": done,
+               "stop_epoch": epoch, "world_size": world, "mixed_precision": accelerator.mixed_precision,
+               "wall_seconds": time.time() - t_start, "final_val_acc": row["val_acc"],
+               "epochs": history}
+    weights = accelerator.get_state_dict(model)  # a collective under some backends: every rank calls it
+    if accelerator.is_main_process:
+        # channels_last weights are strided views; safetensors stores contiguous tensors.
+        save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        draw_curves({out.name: metrics}, out / "curves.png")
+    accelerator.end_training()
+    accelerator.print(f"{'reached' if done else 'did not reach'} {s.target_acc}%: epoch {epoch}, "
+                      f"val acc {row['val_acc']:.2f}%, {metrics['wall_seconds']:.1f} s, run folder {out}")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_args(argv)
+    try:
+        train(settings)
+    except RunError as err:
+        print(f"mnist_dist: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

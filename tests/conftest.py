@@ -1,0 +1,67 @@
+"""Shared pieces: the real MNIST files prepared once, and running the program as a user does."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mnist_dist.data import DeviceMNIST, load_tensors, prepare_mnist
+from mnist_dist.model import Net
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root(tmp_path_factory) -> Path:
+    """A torchvision MNIST root filled from the offline copy (no network)."""
+    return prepare_mnist(tmp_path_factory.mktemp("data"), download=False)
+
+
+def run(cmd: list[str], timeout: float = 600, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run a command from the repository root, capturing text output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def launch(args: list[str], processes: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch -m mnist_dist.train ARGS`: the project config for one process,
+    gloo CPU processes (as launch/cpu_multi.sh) for several."""
+    if processes == 1:
+        cmd = [ACCELERATE, "launch", "--config_file", "accelerate_config.yaml"]
+        env = {}
+    else:
+        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
+        env = {"ACCELERATE_USE_CPU": "1"}
+    return run(cmd + ["-m", "mnist_dist.train", *args], timeout=timeout, env=env)
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def count_correct(weights: Path, root: Path, limit: int) -> int:
+    """Correct predictions of saved weights on the first `limit` test images, in this one process."""
+    net = Net()
+    net.load_state_dict(load_file(weights))
+    net.eval()
+    ds = DeviceMNIST(*load_tensors(root, train=False, limit=limit), "cpu")
+    with torch.inference_mode():
+        return int((net(ds.x).argmax(1) == ds.y).sum())
+
+
+def write_idx(root: Path, images: torch.Tensor, labels: torch.Tensor) -> Path:
+    """Write uint8 (N, 28, 28) images and labels as both MNIST splits, uncompressed, in torchvision's layout."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    n = len(images).to_bytes(4, "big")
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            (2051).to_bytes(4, "big") + n + (28).to_bytes(4, "big") * 2 + images.to(torch.uint8).numpy().tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            (2049).to_bytes(4, "big") + n + labels.to(torch.uint8).numpy().tobytes())
+    return root

@@ -1,0 +1,133 @@
+"""Two CPU processes over gloo: the same code path that NCCL runs on GPUs."""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import socket
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+from mnist_dist.settings import RunError
+from mnist_dist.train import check_launch
+
+from conftest import ACCELERATE, REPO, count_correct, launch, read_metrics, run, write_idx
+
+
+def test_two_processes_exact_metrics_one_writer_synchronized_stop(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    # 1001 test images do not divide over 2 ranks x 100 per batch: the sharded
+    # loader repeats images to even the ranks out, and they must not be counted.
+    # The low target is reached after epoch 1: both ranks must leave together.
+    result = launch(["--epochs", "3", "--train-limit", "1000", "--test-limit", "1001", "--eval-batch-size", "100",
+                     "--batch-size", "128", "--target-acc", "50", "--data-dir", str(mnist_root),
+                     "--output-dir", str(out)], processes=2, timeout=300)
+    assert result.returncode == 0, result.stderr
+    m = read_metrics(out)
+    assert m["world_size"] == 2 and m["reached_target"]
+    last = m["epochs"][-1]
+    assert m["stop_epoch"] == len(m["epochs"]) == last["epoch"] < 3
+    assert result.stdout.count(f"reached 50.0%: epoch {m['stop_epoch']}") == 1  # printed by one rank only
+
+    # Exact validation: the count equals that of the saved weights in one process.
+    assert last["val_total"] == 1001
+    assert count_correct(out / "model.safetensors", mnist_root, 1001) == last["val_correct"]
+    # Training metrics cover both ranks' shards (1000 images, + 24 to even out 2 x 128-image steps).
+    assert last["train_images"] == 1024
+
+    # One writer: a single copy of each output, no per-rank files.
+    for name in ("metrics.json", "config.json", "curves.png", "model.safetensors"):
+        assert len(list(tmp_path.rglob(name))) == 1, name
+    event_dirs = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    assert len(list(out.rglob("events.out.tfevents.*"))) == len(event_dirs) <= 2  # scalars + hparams
+
+
+def test_each_rank_trains_on_a_disjoint_shard_covering_the_set(tmp_path):
+    n = 1000
+    ids = torch.arange(n)
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0], images[:, 0, 1] = ids % 256, ids // 256
+    root = write_idx(tmp_path / "data", images, ids % 10)
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           str(REPO / "tests" / "shard_probe.py"), str(root), str(tmp_path), "64"]
+    result = run(cmd, env={"ACCELERATE_USE_CPU": "1"}, timeout=180)
+    assert result.returncode == 0, result.stderr
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for epoch in (0, 1):
+        a, b = rank0[epoch], rank1[epoch]
+        # 1000 images in 2 x 64-image steps: 8 steps, the last one padded with 24 repeats.
+        assert len(a) == len(b) == 512
+        assert set(a) | set(b) == set(range(n))
+        assert len(set(a) & set(b)) <= 24 and len(a + b) - n == 24  # only the documented padding overlaps
+    assert rank0[0] != rank0[1]  # reshuffled each epoch
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    result = launch(["--mixed-precision", "bf16", "--epochs", "1", "--train-limit", "512", "--test-limit", "200",
+                     "--data-dir", str(mnist_root), "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr
+    m = read_metrics(out)
+    assert m["mixed_precision"] == "bf16" and math.isfinite(m["epochs"][0]["train_loss"])
+
+
+def test_fp16_without_a_gpu_is_refused(tmp_path, mnist_root):
+    result = launch(["--mixed-precision", "fp16", "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")])
+    assert result.returncode != 0
+    assert "fp16 mixed precision needs a CUDA GPU" in result.stderr
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_plain_torchrun_on_cpu_runs_distributed(tmp_path, mnist_root):
+    """Since Accelerate 1.13, CPU torchrun without ACCELERATE_USE_CPU can leave every rank believing it is
+    alone; the job asks for the CPU explicitly when there is no GPU, so torchrun gives a real 2-process run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "mnist_dist.train", "--epochs", "1", "--train-limit", "256", "--test-limit", "100",
+           "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(tmp_path / "r")["world_size"] == 2
+
+
+def test_several_launched_processes_seen_as_one_are_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    alone = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    with pytest.raises(RunError, match="2 processes were launched but Accelerate sees a single process"):
+        check_launch(alone, "no")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_launch(alone, "bf16")  # one process, bf16 on CPU: fine
+    with pytest.raises(RunError, match="fp16"):
+        check_launch(alone, "fp16")
+
+
+def test_a_dead_rank_ends_the_whole_job_within_60_seconds(tmp_path, mnist_root):
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
+           "-m", "mnist_dist.train", "--epochs", "5", "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in launcher.stdout:  # wait until training has started
+            if "steps/epoch" in line:
+                break
+        time.sleep(3)  # mid-epoch
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "mnist_dist.train" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+        ranks[-1].kill()
+        killed = time.monotonic()
+        launcher.stdout.read()
+        rc = launcher.wait(timeout=120)
+        assert rc != 0
+        assert time.monotonic() - killed < 60
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
+    finally:
+        launcher.kill()

@@ -1,0 +1,73 @@
+"""The training program run as a user runs it, on a slice of real MNIST."""
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from mnist_dist.train import reached
+
+from conftest import count_correct, launch, read_metrics
+
+METRIC_KEYS = {"params", "target_acc", "reached_target", "stop_epoch", "world_size", "mixed_precision",
+               "wall_seconds", "final_val_acc", "epochs"}
+EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds"}
+SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr"}
+
+
+def scalar_tags(run_dir) -> set[str]:
+    tags = set()
+    for events in run_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events.parent))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_stop_rule_is_inclusive_and_exact():
+    assert reached(9941, 10000, 99.41)
+    assert not reached(9940, 10000, 99.41)
+    assert reached(995, 1001, 99.4)  # 99.4006%
+    assert not reached(994, 1001, 99.4)  # 99.3007%
+
+
+def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    result = launch(["--epochs", "2", "--train-limit", "600", "--test-limit", "301", "--target-acc", "100",
+                     "--data-dir", str(mnist_root), "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert "Trainable params: 9,720" in result.stdout
+    assert "epoch  2/2" in result.stdout and "did not reach 100.0%" in result.stdout
+
+    m = read_metrics(out)
+    assert METRIC_KEYS <= m.keys()
+    assert (m["params"], m["world_size"], m["stop_epoch"], m["reached_target"]) == (9720, 1, 2, False)
+    assert [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert all(EPOCH_KEYS <= e.keys() for e in m["epochs"])
+    assert all(e["train_images"] == 600 and e["val_total"] == 301 for e in m["epochs"])
+    assert m["final_val_acc"] == m["epochs"][-1]["val_acc"]
+    # Training learns something on 600 images in two epochs.
+    assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"]
+
+    assert SCALARS <= scalar_tags(out)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "config.json").is_file()
+    # The reported accuracy is that of the saved weights, to the image.
+    assert count_correct(out / "model.safetensors", mnist_root, 301) == m["epochs"][-1]["val_correct"]
+
+
+def test_run_folder_holding_a_run_is_refused(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    result = launch(["--epochs", "1", "--data-dir", str(mnist_root), "--output-dir", str(out)])
+    assert result.returncode != 0
+    assert "already holds a run" in result.stderr
+    assert (out / "config.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_acceptance_default_recipe_reaches_target_on_real_mnist(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    result = launch(["--data-dir", str(mnist_root), "--output-dir", str(out)], timeout=1800)
+    assert result.returncode == 0, result.stderr
+    m = read_metrics(out)
+    assert m["reached_target"] and m["final_val_acc"] >= 99.41
+    assert m["stop_epoch"] < 20 and m["epochs"][-1]["val_total"] == 10000
