@@ -26,7 +26,7 @@ import torch  # noqa: E402
 # The seed-style recipe: torchvision DataLoader with per-image PIL rotation,
 # batch 128, fp32 NCHW, Adam with a one-cycle schedule to 0.01, dropout 0.05.
 BASELINE = ["--loader", "torchvision", "--batch-size", "128", "--lr", "0.01", "--schedule-epochs", "15",
-            "--dropout", "0.05", "--no-channels-last"]
+            "--dropout", "0.05", "--shift", "0", "--no-channels-last"]
 FAST: list[str] = []  # the package defaults
 
 

@@ -95,13 +95,18 @@ def load_tensors(root: Path, train: bool, limit: int = 0) -> tuple[torch.Tensor,
     return ds.data[:n], ds.targets[:n]
 
 
-def random_rotate(x: torch.Tensor, max_degrees: float) -> torch.Tensor:
-    """Rotate each image of a (N, 1, H, W) batch by its own uniform angle in +-max_degrees."""
-    angle = (torch.rand(len(x), device=x.device) * 2 - 1) * math.radians(max_degrees)
-    cos, sin, zero = angle.cos(), angle.sin(), torch.zeros_like(angle)
-    theta = torch.stack([cos, -sin, zero, sin, cos, zero], 1).view(-1, 2, 3).to(x.dtype)
+def random_affine(x: torch.Tensor, degrees: float, shift: float = 0.0) -> torch.Tensor:
+    """Rotate each image of a (N, 1, H, W) batch by its own uniform angle in +-`degrees`
+    and shift it by up to +-`shift` pixels along each axis, in one grid_sample."""
+    n, _, h, w = x.shape
+    u = torch.rand(n, 3, device=x.device) * 2 - 1
+    angle = u[:, 0] * math.radians(degrees)
+    # affine_grid works in [-1, 1] coordinates: one pixel is 2/size.
+    tx, ty = u[:, 1] * (2 * shift / w), u[:, 2] * (2 * shift / h)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([cos, -sin, tx, sin, cos, ty], 1).view(-1, 2, 3).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # "border" repeats MNIST's empty edge, so rotated corners stay background.
+    # "border" repeats MNIST's empty edge, so uncovered corners stay background.
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
@@ -112,10 +117,10 @@ class DeviceMNIST(Dataset):
     batch costs one gather and one batched rotation on the device.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0, shift: float = 0.0):
         self.x = ((images.float() / 255 - MEAN) / STD).unsqueeze(1).to(device)
         self.y = labels.to(device)
-        self.rotation = rotation
+        self.rotation, self.shift = rotation, shift
 
     def __len__(self) -> int:
         return len(self.y)
@@ -123,7 +128,9 @@ class DeviceMNIST(Dataset):
     def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(idx, device=self.y.device)
         x = self.x[idx]
-        return (random_rotate(x, self.rotation) if self.rotation else x), self.y[idx]
+        if self.rotation or self.shift:
+            x = random_affine(x, self.rotation, self.shift)
+        return x, self.y[idx]
 
     def __getitem__(self, i: int):
         x, y = self.__getitems__([i])
@@ -142,12 +149,13 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
     one process; `accelerator.prepare` shards them over ranks.
     """
     if s.loader == "tensor":
-        train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation)
+        train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
         test_ds = DeviceMNIST(*load_tensors(root, False, s.test_limit), device)
         kw = dict(collate_fn=whole_batch)
     else:
         norm = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
-        rotate = [transforms.RandomRotation(s.rotation, fill=0)] if s.rotation else []
+        # The same augmentation, per image with PIL: rotation, then shift as a fraction of the size.
+        rotate = [transforms.RandomAffine(s.rotation, translate=(s.shift / 28,) * 2 if s.shift else None)]
         train_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(rotate + norm))
         test_ds = datasets.MNIST(root, train=False, transform=transforms.Compose(norm))
         if s.train_limit:

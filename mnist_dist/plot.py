@@ -12,7 +12,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: CI and clusters have no display
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
@@ -64,3 +66,31 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def confusion_figure(confusion) -> plt.Figure:
+    """The 10x10 confusion matrix (rows: true digit, columns: predicted) with counts in the cells."""
+    fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
+    ax.imshow(confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(int(confusion.max()), 2)))
+    for (i, j), n in np.ndenumerate(np.asarray(confusion)):
+        if n:
+            ax.text(j, i, int(n), ha="center", va="center", fontsize=7, color="white" if i == j else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title="Test confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def mistakes_figure(images, true, pred, limit: int = 48) -> plt.Figure:
+    """A grid of misclassified digits, each captioned 'true -> predicted'."""
+    n = min(len(images), limit)
+    cols = 8
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), dpi=100, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(images[k].reshape(28, 28), cmap="gray")
+            ax.set_title(f"{int(true[k])} -> {int(pred[k])}", fontsize=8, color="C3")
+    fig.suptitle(f"Misclassified test digits (first {n}), true -> predicted", fontsize=9)
+    fig.tight_layout()
+    return fig

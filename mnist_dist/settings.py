@@ -25,10 +25,11 @@ class Settings:
     global_batch_size: int = _opt(0, "if > 0: training images per step over all processes "
                                      "(per process = this / world size); overrides --batch-size")
     lr: float = _opt(0.02, "peak learning rate of the one-cycle schedule, per optimizer step")
-    schedule_epochs: int = _opt(8, "epochs over which the one-cycle schedule anneals; "
+    schedule_epochs: int = _opt(6, "epochs over which the one-cycle schedule anneals; "
                                    "after that the learning rate stays at its floor")
-    dropout: float = _opt(0.05, "Dropout2d probability after each conv block")
+    dropout: float = _opt(0.0, "Dropout2d probability after each conv block (0: the layers stay, inactive)")
     rotation: float = _opt(7.0, "random rotation of training images, +- degrees (0 = none)")
+    shift: float = _opt(2.0, "random shift of training images, +- pixels on each axis (0 = none)")
     seed: int = _opt(1, "seed for weights, shuffling, dropout and augmentation")
     data_dir: str = _opt("data", "MNIST root; filled from the offline copy or a download if empty")
     output_dir: str = _opt("", "run folder; default: a new runs/<timestamp>")
@@ -42,6 +43,9 @@ class Settings:
     compile: bool = _opt(False, "torch.compile the network")
     mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
                                     "launch or its config", choices=["", "no", "bf16", "fp16", "fp8"])
+    resume: str = _opt("", "continue a run: alone, from the newest checkpoint of --output-dir; "
+                           "with a path, from that checkpoint folder", nargs="?", const="latest")
+    keep_checkpoints: int = _opt(2, "checkpoints kept per run (one is saved every epoch)")
     timeout: int = _opt(120, "seconds a collective may wait for another rank before the job fails")
 
     def check(self) -> None:
@@ -55,10 +59,12 @@ class Settings:
             (self.schedule_epochs >= 1, "--schedule-epochs must be at least 1"),
             (0 <= self.dropout < 1, "--dropout is a probability in [0, 1)"),
             (self.rotation >= 0, "--rotation is a non-negative number of degrees"),
+            (0 <= self.shift < 14, "--shift is a number of pixels in [0, 14)"),
             (self.train_limit >= 0 and self.test_limit >= 0, "--train-limit/--test-limit must be 0 (all) or positive"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (self.timeout >= 1, "--timeout must be at least 1 second"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
         ]
         for ok, message in rules:
             if not ok:
@@ -82,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         else:
-            parser.add_argument(*flags, type=f.type, choices=f.metadata.get("choices"), **kw)
+            extra = {k: v for k, v in f.metadata.items() if k in ("choices", "nargs", "const")}
+            parser.add_argument(*flags, type=f.type, **extra, **kw)
     return parser
 
 

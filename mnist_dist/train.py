@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from datetime import datetime, timedelta
@@ -26,10 +27,16 @@ from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mnist_dist.data import make_loaders, prepare_mnist
+from mnist_dist import checkpoint
+from mnist_dist.data import DeviceMNIST, load_tensors, make_loaders, prepare_mnist
 from mnist_dist.model import Net, count_params, summary_table
-from mnist_dist.plot import draw_curves
+from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
 from mnist_dist.settings import RunError, Settings, parse_args
+
+
+# Cross-entropy over 10 classes starts near ln(10) = 2.3 nats; a step above this
+# has diverged, even where the numbers are still finite (Adam keeps them so for a while).
+DIVERGED = 1e3
 
 
 def reached(correct: int, total: int, target_acc: float) -> bool:
@@ -60,14 +67,22 @@ def check_launch(state: PartialState, mixed_precision: str) -> None:
 
 
 def claim_output_dir(s: Settings, state: PartialState) -> Path:
-    """Agree on the run folder across ranks; refuse one that holds a run or cannot be written."""
-    msg = [s.output_dir or f"runs/{datetime.now():%Y%m%d-%H%M%S}", None]
+    """Agree on the run folder across ranks; refuse one that cannot be written, or that holds a run unless resuming."""
+    if s.output_dir:
+        name = s.output_dir
+    elif s.resume not in ("", "latest"):
+        name = str(Path(s.resume).resolve().parent.parent)  # RUN/checkpoints/epoch_NNNN -> RUN
+    else:
+        name = f"runs/{datetime.now():%Y%m%d-%H%M%S}"
+    msg = [name, None]
     if state.is_main_process:
-        out = Path(msg[0])
+        out = Path(name)
         try:
-            if (out / "config.json").exists():
-                msg[1] = (f"'{out}' already holds a run; pass a new --output-dir "
-                          "(or leave it out for a fresh runs/<timestamp>).")
+            if s.resume == "latest" and not s.output_dir:
+                msg[1] = "--resume without a path needs --output-dir: the run folder to continue."
+            elif (out / "config.json").exists() and not s.resume:
+                msg[1] = (f"'{out}' already holds a run. To continue it, add --resume; to start anew, "
+                          "pass a new --output-dir (or leave it out for a fresh runs/<timestamp>).")
             else:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / ".write-test").touch()
@@ -78,6 +93,27 @@ def claim_output_dir(s: Settings, state: PartialState) -> Path:
     if msg[1]:
         raise RunError(msg[1])
     return Path(msg[0])
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; the run stopped after a step and saved a checkpoint."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(signum, checkpoint)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+def catch_stop_signals() -> list[int]:
+    """Turn the first SIGINT/SIGTERM into a request to stop after the current step; a second one kills."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return received
 
 
 @torch.inference_mode()
@@ -97,6 +133,23 @@ def evaluate(model, loader, accelerator: Accelerator) -> tuple[float, int, int]:
         correct += int(hits.sum())
         total += len(hits)
     return loss_sum / total, correct, total
+
+
+@torch.inference_mode()
+def log_final_report(accelerator: Accelerator, net, root: Path, s: Settings, run_info: dict, metrics: dict) -> None:
+    """TensorBoard at the end (main process): hparams with the final metrics, mistakes, confusion matrix."""
+    tb = accelerator.get_tracker("tensorboard", unwrap=True)
+    test = DeviceMNIST(*load_tensors(root, train=False, limit=s.test_limit), accelerator.device)
+    net.eval()
+    pred = torch.cat([net(x).argmax(1) for x in test.x.split(s.eval_batch_size)])
+    wrong = (pred != test.y).nonzero().flatten()
+    confusion = torch.bincount(test.y * 10 + pred, minlength=100).view(10, 10).cpu()
+    step = metrics["stop_epoch"]
+    tb.add_figure("test/mistakes", mistakes_figure(test.x[wrong].cpu(), test.y[wrong], pred[wrong]), step)
+    tb.add_figure("test/confusion_matrix", confusion_figure(confusion), step)
+    hparams = {k: v for k, v in run_info.items() if isinstance(v, (bool, int, float, str))}
+    tb.add_hparams(hparams, {f"hparam/{k}": float(metrics[k]) for k in
+                             ("final_val_acc", "stop_epoch", "wall_seconds", "reached_target")})
 
 
 def train(s: Settings) -> dict:
@@ -124,7 +177,8 @@ def train(s: Settings) -> dict:
     run_info = {**s.as_flat_dict(), "output_dir": str(out), "world_size": world,
                 "global_batch": s.batch_size * world, "mixed_precision": accelerator.mixed_precision,
                 "distributed_type": str(accelerator.distributed_type), "device": str(accelerator.device)}
-    accelerator.init_trackers("tensorboard", config=run_info)
+    # The settings go to TensorBoard as hparams at the end, with the final metrics.
+    accelerator.init_trackers("tensorboard")
     if accelerator.is_main_process:
         versions = {"python": platform.python_version(), "torch": torch.__version__,
                     "torchvision": torchvision.__version__, "accelerate": accelerate.__version__}
@@ -137,7 +191,9 @@ def train(s: Settings) -> dict:
 
     model = Net(s.dropout)
     n_params = count_params(model)
-    accelerator.print(summary_table(model))
+    table = summary_table(model)
+    accelerator.print(table)
+    accelerator.log({"model/summary": "    " + table.replace("\n", "\n    ")}, step=0)  # markdown code block
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if s.compile:
@@ -150,18 +206,31 @@ def train(s: Settings) -> dict:
         torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=s.lr, total_steps=schedule_steps))
     set_seed(s.seed, device_specific=True)  # distinct dropout masks and rotations per rank
 
+    # Progress: epochs completed, batches into the next one, and that epoch's partial sums.
+    progress = {"epoch": 0, "batches_done": 0, "sums": [0.0, 0.0], "seen": 0, "history": []}
+    if s.resume:
+        progress = checkpoint.load(accelerator, checkpoint.find(s.resume, out))
+        accelerator.print(f"resumed from {out} after epoch {progress['epoch']}"
+                          + (f", step {progress['batches_done']}" if progress["batches_done"] else ""))
+    history = progress["history"]
+    step = progress["epoch"] * steps_per_epoch + progress["batches_done"]  # optimizer steps so far
+    stop_signals = catch_stop_signals()
     accelerator.print(f"{n_params:,} parameters | {world} process(es), {accelerator.distributed_type}, "
                       f"precision {accelerator.mixed_precision} | global batch {s.batch_size * world}, "
                       f"{steps_per_epoch} steps/epoch | run folder {out}")
-    history, step = [], 0
     show_bar = accelerator.is_main_process and sys.stderr.isatty()
-    for epoch in range(1, s.epochs + 1):
+    epoch = progress["epoch"]
+    for epoch in range(progress["epoch"] + 1, s.epochs + 1):
         t0 = time.perf_counter()
         model.train()
         train_loader.set_epoch(epoch)
-        sums = torch.zeros(2, device=accelerator.device)  # loss * n, correct: on the device, no sync per step
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not show_bar, unit="batch")
+        done = progress["batches_done"] if epoch == progress["epoch"] + 1 else 0
+        batches = accelerator.skip_first_batches(train_loader, done) if done else train_loader
+        # loss * n and correct, kept on the device: no sync per step.
+        sums = torch.tensor(progress["sums"] if done else [0.0, 0.0], device=accelerator.device)
+        seen = progress["seen"] if done else 0
+        bar = tqdm(batches, desc=f"epoch {epoch}", initial=done, total=steps_per_epoch, leave=False,
+                   disable=not show_bar, unit="batch")
         for x, y in bar:
             if s.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -173,9 +242,24 @@ def train(s: Settings) -> dict:
             if step < schedule_steps:  # after the cycle the rate stays at its floor
                 scheduler.step()
             step += 1
+            done += 1
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum()])
             seen += len(y)
-            if show_bar and step % 10 == 0:
+            # One small all-reduce per step: the global mean loss, and flags that every rank must act on alike.
+            diverged = ~(loss.detach() < DIVERGED)  # also true for nan
+            flags = torch.stack([loss.detach(), diverged, torch.tensor(bool(stop_signals), device=loss.device)])
+            step_loss, bad_loss, interrupted = accelerator.reduce(flags.float(), "sum").tolist()
+            accelerator.log({"step/loss": step_loss / world, "step/lr": scheduler.get_last_lr()[0]}, step=step)
+            if bad_loss:
+                raise RunError(f"the loss diverged ({loss.item():.3g}) at epoch {epoch}, step {done} of {steps_per_epoch}; "
+                               f"training stopped and the last good checkpoint in '{out / 'checkpoints'}' is kept. "
+                               f"Lower --lr (now {s.lr}) and resume from it, or start anew.")
+            if interrupted:
+                partial = {"epoch": epoch - 1, "batches_done": done, "sums": sums.tolist(), "seen": seen,
+                           "history": history}
+                saved = checkpoint.save(accelerator, out, partial, s.keep_checkpoints)
+                raise Interrupted(stop_signals[0] if stop_signals else signal.SIGTERM, saved)
+            if show_bar and done % 10 == 0:
                 loss_sum, hits = sums.tolist()
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * hits / seen:.2f}%",
                                 img_s=f"{seen * world / (time.perf_counter() - t0):,.0f}")
@@ -200,25 +284,29 @@ def train(s: Settings) -> dict:
         accelerator.print(f"epoch {epoch:2d}/{s.epochs}  train loss {row['train_loss']:.4f} acc "
                           f"{row['train_acc']:6.2f}%  val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% "
                           f"({correct}/{total})  {row['seconds']:.1f} s")
+        checkpoint.save(accelerator, out, {"epoch": epoch, "batches_done": 0, "sums": [0.0, 0.0], "seen": 0,
+                                           "history": history}, s.keep_checkpoints)
         if reached(correct, total, s.target_acc):
             accelerator.set_trigger()
         if accelerator.check_trigger():  # a sum over ranks: every rank leaves on the same epoch
             break
 
-    done = reached(correct, total, s.target_acc)
-    metrics = {"params": n_params, "target_acc": s.target_acc, "reached_target": done,
-               "stop_epoch": epoch, "world_size": world, "mixed_precision": accelerator.mixed_precision,
-               "wall_seconds": time.time() - t_start, "final_val_acc": row["val_acc"],
-               "epochs": history}
+    last = history[-1]
+    metrics = {"params": n_params, "target_acc": s.target_acc,
+               "reached_target": reached(last["val_correct"], last["val_total"], s.target_acc),
+               "stop_epoch": last["epoch"], "world_size": world, "mixed_precision": accelerator.mixed_precision,
+               "wall_seconds": time.time() - t_start, "final_val_acc": last["val_acc"], "epochs": history}
     weights = accelerator.get_state_dict(model)  # a collective under some backends: every rank calls it
     if accelerator.is_main_process:
         # channels_last weights are strided views; safetensors stores contiguous tensors.
         save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         draw_curves({out.name: metrics}, out / "curves.png")
+        log_final_report(accelerator, accelerator.unwrap_model(model), root, s, run_info, metrics)
     accelerator.end_training()
-    accelerator.print(f"{'reached' if done else 'did not reach'} {s.target_acc}%: epoch {epoch}, "
-                      f"val acc {row['val_acc']:.2f}%, {metrics['wall_seconds']:.1f} s, run folder {out}")
+    accelerator.print(f"{'reached' if metrics['reached_target'] else 'did not reach'} {s.target_acc}%: "
+                      f"epoch {last['epoch']}, val acc {last['val_acc']:.2f}%, {metrics['wall_seconds']:.1f} s, "
+                      f"run folder {out}")
     return metrics
 
 
@@ -229,6 +317,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:
         print(f"mnist_dist: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        if PartialState().is_main_process:
+            print(f"mnist_dist: stopped by {signal.Signals(stop.signum).name}; saved {stop.checkpoint}. "
+                  f"Continue with the same command plus --resume {stop.checkpoint}", file=sys.stderr)
+        return 128 + stop.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     return 0
 
 

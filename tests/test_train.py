@@ -12,12 +12,17 @@ EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "second
 SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "lr"}
 
 
-def scalar_tags(run_dir) -> set[str]:
-    tags = set()
-    for events in run_dir.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events.parent))
+def tensorboard_tags(run_dir) -> dict[str, set[str]]:
+    """Every tag in the run's event files, read with TensorBoard's own reader, by kind."""
+    tags: dict[str, set[str]] = {}
+    for folder in {p.parent for p in run_dir.rglob("events.out.tfevents.*")}:
+        acc = EventAccumulator(str(folder), size_guidance={"images": 0})
         acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
+        for kind, names in acc.Tags().items():
+            if isinstance(names, list):
+                tags.setdefault(kind, set()).update(names)
+        if acc.PluginTagToContent("hparams"):
+            tags.setdefault("plugins", set()).add("hparams")
     return tags
 
 
@@ -46,7 +51,11 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     # Training learns something on 600 images in two epochs.
     assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"]
 
-    assert SCALARS <= scalar_tags(out)
+    tags = tensorboard_tags(out)
+    assert SCALARS | {"step/loss", "step/lr", "hparam/final_val_acc"} <= tags["scalars"]
+    assert {"test/mistakes", "test/confusion_matrix"} <= tags["images"]
+    assert "model/summary/text_summary" in tags["tensors"]
+    assert "hparams" in tags["plugins"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
     # The reported accuracy is that of the saved weights, to the image.
