@@ -8,6 +8,7 @@ Two input paths feed the same training loop:
   the baseline and for users who bring their own transforms.
 Either way the loaders are plain DataLoaders that `accelerator.prepare` shards.
 """
+import copy
 import importlib.util
 import math
 import shutil
@@ -142,27 +143,40 @@ def whole_batch(batch):
     return batch
 
 
-def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader]:
-    """Train and test DataLoaders (not yet prepared) for the chosen input path.
+def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    """Train, validation and test DataLoaders (not yet prepared) for the chosen input path.
 
-    `s.batch_size` here is per process. Both loaders keep the sample order of
-    one process; `accelerator.prepare` shards them over ranks.
+    Without --val-split the validation set is the test set, as in the seed, and
+    no separate test loader is returned. With it, a seeded draw of training
+    images (not augmented) validates, and the test set is kept for one final
+    evaluation. `s.batch_size` here is per process; `accelerator.prepare`
+    shards the loaders over ranks.
     """
     if s.loader == "tensor":
         train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
+        plain_ds = copy.copy(train_ds)  # the same tensors, no augmentation
+        plain_ds.rotation = plain_ds.shift = 0.0
         test_ds = DeviceMNIST(*load_tensors(root, False, s.test_limit), device)
         kw = dict(collate_fn=whole_batch)
     else:
         norm = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
         # The same augmentation, per image with PIL: rotation, then shift as a fraction of the size.
-        rotate = [transforms.RandomAffine(s.rotation, translate=(s.shift / 28,) * 2 if s.shift else None)]
-        train_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(rotate + norm))
+        augment = [transforms.RandomAffine(s.rotation, translate=(s.shift / 28,) * 2 if s.shift else None)]
+        train_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(augment + norm))
+        plain_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(norm))
         test_ds = datasets.MNIST(root, train=False, transform=transforms.Compose(norm))
         if s.train_limit:
-            train_ds = Subset(train_ds, range(s.train_limit))
+            train_ds, plain_ds = Subset(train_ds, range(s.train_limit)), Subset(plain_ds, range(s.train_limit))
         if s.test_limit:
             test_ds = Subset(test_ds, range(s.test_limit))
         kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0)
-    train = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, **kw)
+    if s.val_split >= len(train_ds):
+        raise RunError(f"--val-split {s.val_split} leaves no training images (there are {len(train_ds)}).")
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
-    return train, test
+    val = test
+    if s.val_split:
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(s.seed)).tolist()
+        train_ds = Subset(train_ds, order[s.val_split:])
+        val = DataLoader(Subset(plain_ds, order[:s.val_split]), batch_size=s.eval_batch_size, shuffle=False, **kw)
+    train = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, **kw)
+    return train, val, (test if s.val_split else None)

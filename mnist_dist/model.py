@@ -1,5 +1,7 @@
 """The seed's 9,720-parameter CNN, layer for layer as in its summary table."""
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 from torch import nn
 
 
@@ -55,3 +57,42 @@ def summary_table(model: nn.Module) -> str:
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out):
         summary(copy.deepcopy(model).cpu().float(), (1, 28, 28), device="cpu")
     return out.getvalue()
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose batch statistics cover the batches of every process.
+
+    The sums are all-reduced with gradients (torch.distributed.nn), so N
+    processes compute what one process computes on the concatenated batch.
+    PyTorch's own nn.SyncBatchNorm runs on GPUs only; this runs wherever
+    torch.distributed does, gloo on CPUs included. Same parameters and buffers
+    as BatchNorm2d, so weights load either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = self.num_features
+        count = x.new_tensor([x.numel() / c])
+        totals = dist_nn.all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        n = totals[-1]
+        mean = totals[:c] / n
+        var = totals[c:2 * c] / n - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm tracks
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (x - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+
+
+def sync_batchnorm(net: Net) -> Net:
+    """The same network with BatchNorm statistics shared by all processes (nn.SyncBatchNorm on CUDA)."""
+    if torch.cuda.is_available():
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, nn.BatchNorm2d):
+            synced = SyncBatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+            synced.load_state_dict(layer.state_dict())
+            net.layers[i] = synced
+    return net

@@ -26,7 +26,8 @@ def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
         label = f"{name} " if len(runs) > 1 else ""
         for ax, key in ((acc_ax, "acc"), (loss_ax, "loss")):
             ax.plot(ep, [e[f"train_{key}"] for e in m["epochs"]], "--", color=color, label=f"{label}train")
-            ax.plot(ep, [e[f"val_{key}"] for e in m["epochs"]], "-o", ms=3, color=color, label=f"{label}test")
+            val_name = "test" if m.get("validation", "test set") == "test set" else "validation"
+            ax.plot(ep, [e[f"val_{key}"] for e in m["epochs"]], "-o", ms=3, color=color, label=f"{label}{val_name}")
         if m.get("reached_target"):
             for ax in (acc_ax, loss_ax):
                 ax.axvline(m["stop_epoch"], color=color, ls=":", lw=1)

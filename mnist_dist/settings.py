@@ -21,7 +21,7 @@ def _opt(default, help: str, **kw):
 class Settings:
     epochs: int = _opt(19, "most epochs to train; the seed asks for fewer than 20")
     target_acc: float = _opt(99.41, "stop once validation accuracy reaches this, in percent")
-    batch_size: int = _opt(512, "training images per step, per process")
+    batch_size: int = _opt(128, "training images per step, per process")
     global_batch_size: int = _opt(0, "if > 0: training images per step over all processes "
                                      "(per process = this / world size); overrides --batch-size")
     lr: float = _opt(0.02, "peak learning rate of the one-cycle schedule, per optimizer step")
@@ -33,12 +33,16 @@ class Settings:
     seed: int = _opt(1, "seed for weights, shuffling, dropout and augmentation")
     data_dir: str = _opt("data", "MNIST root; filled from the offline copy or a download if empty")
     output_dir: str = _opt("", "run folder; default: a new runs/<timestamp>")
+    val_split: int = _opt(0, "hold out N training images (seeded) to validate on, and test once at the end; "
+                             "0 = validate on the test set, as the seed does")
     train_limit: int = _opt(0, "use only the first N training images (0 = all 60,000)")
     test_limit: int = _opt(0, "use only the first N test images (0 = all 10,000)")
     loader: str = _opt("tensor", "input path: 'tensor' (device-resident, batched augmentation) "
                                  "or 'torchvision' (the seed's DataLoader)", choices=["tensor", "torchvision"])
     workers: int = _opt(2, "DataLoader worker processes per process (torchvision loader only)")
     eval_batch_size: int = _opt(1000, "test images per evaluation step, per process")
+    sync_bn: bool = _opt(False, "BatchNorm statistics over all processes' batches (2+ processes); with "
+                                "--global-batch-size, N processes then follow the one-process run")
     channels_last: bool = _opt(True, "NHWC memory layout for the convolutions")
     compile: bool = _opt(False, "torch.compile the network")
     mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
@@ -60,6 +64,7 @@ class Settings:
             (0 <= self.dropout < 1, "--dropout is a probability in [0, 1)"),
             (self.rotation >= 0, "--rotation is a non-negative number of degrees"),
             (0 <= self.shift < 14, "--shift is a number of pixels in [0, 14)"),
+            (self.val_split >= 0, "--val-split must be 0 (off) or a number of images"),
             (self.train_limit >= 0 and self.test_limit >= 0, "--train-limit/--test-limit must be 0 (all) or positive"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),

@@ -8,7 +8,6 @@ Every option is listed by `python -m mnist_dist.train --help`.
 """
 import dataclasses
 import json
-import math
 import os
 import platform
 import signal
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 from mnist_dist import checkpoint
 from mnist_dist.data import DeviceMNIST, load_tensors, make_loaders, prepare_mnist
-from mnist_dist.model import Net, count_params, summary_table
+from mnist_dist.model import Net, count_params, summary_table, sync_batchnorm
 from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
 from mnist_dist.settings import RunError, Settings, parse_args
 
@@ -187,19 +186,23 @@ def train(s: Settings) -> dict:
     set_seed(s.seed)  # the same initial weights on every rank
     with accelerator.local_main_process_first():  # one process per machine fetches or extracts files
         root = prepare_mnist(s.data_dir)
-    train_loader, test_loader = make_loaders(s, root, accelerator.device)
+    train_loader, val_loader, test_loader = make_loaders(s, root, accelerator.device)
 
     model = Net(s.dropout)
     n_params = count_params(model)
     table = summary_table(model)
     accelerator.print(table)
     accelerator.log({"model/summary": "    " + table.replace("\n", "\n    ")}, step=0)  # markdown code block
+    if s.sync_bn and world > 1:
+        model = sync_batchnorm(model)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if s.compile:
         model = torch.compile(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    model, optimizer, train_loader, test_loader = accelerator.prepare(model, optimizer, train_loader, test_loader)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if test_loader is not None:  # --val-split: the test set is evaluated once, at the end
+        test_loader = accelerator.prepare(test_loader)
     steps_per_epoch = len(train_loader)
     schedule_steps = steps_per_epoch * min(s.schedule_epochs, s.epochs)
     scheduler = accelerator.prepare(
@@ -272,7 +275,7 @@ def train(s: Settings) -> dict:
             for buf in accelerator.unwrap_model(model).buffers():
                 if buf.is_floating_point():
                     buf.copy_(accelerator.reduce(buf.clone(), "mean"))
-        val_loss, correct, total = evaluate(model, test_loader, accelerator)
+        val_loss, correct, total = evaluate(model, val_loader, accelerator)
         row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_acc": 100 * hits / seen,
                "val_loss": val_loss, "val_acc": 100 * correct / total, "seconds": time.perf_counter() - t0,
                "train_seconds": train_seconds, "train_images": int(seen), "val_correct": correct, "val_total": total,
@@ -295,7 +298,12 @@ def train(s: Settings) -> dict:
     metrics = {"params": n_params, "target_acc": s.target_acc,
                "reached_target": reached(last["val_correct"], last["val_total"], s.target_acc),
                "stop_epoch": last["epoch"], "world_size": world, "mixed_precision": accelerator.mixed_precision,
-               "wall_seconds": time.time() - t_start, "final_val_acc": last["val_acc"], "epochs": history}
+               "wall_seconds": time.time() - t_start, "final_val_acc": last["val_acc"],
+               "validation": f"{s.val_split} held-out training images" if s.val_split else "test set",
+               "epochs": history}
+    if test_loader is not None:
+        _, test_correct, test_total = evaluate(model, test_loader, accelerator)
+        metrics["test_acc"] = 100 * test_correct / test_total
     weights = accelerator.get_state_dict(model)  # a collective under some backends: every rank calls it
     if accelerator.is_main_process:
         # channels_last weights are strided views; safetensors stores contiguous tensors.
@@ -305,7 +313,9 @@ def train(s: Settings) -> dict:
         log_final_report(accelerator, accelerator.unwrap_model(model), root, s, run_info, metrics)
     accelerator.end_training()
     accelerator.print(f"{'reached' if metrics['reached_target'] else 'did not reach'} {s.target_acc}%: "
-                      f"epoch {last['epoch']}, val acc {last['val_acc']:.2f}%, {metrics['wall_seconds']:.1f} s, "
+                      f"epoch {last['epoch']}, val acc {last['val_acc']:.2f}%"
+                      + (f", test acc {metrics['test_acc']:.2f}%" if "test_acc" in metrics else "")
+                      + f", {metrics['wall_seconds']:.1f} s, "
                       f"run folder {out}")
     return metrics
 

@@ -1,7 +1,7 @@
 """Run under `accelerate launch`: record which training images each rank gets per epoch.
 
 Used by test_distributed.py. The images are synthetic: image i stores i in its
-first two pixels, which survive normalisation when rotation is off.
+first two pixels, which survive normalisation when augmentation is off.
 """
 import json
 import sys
@@ -14,9 +14,9 @@ from mnist_dist.settings import Settings
 from mnist_dist.train import sharding
 
 root, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = Settings(rotation=0, batch_size=batch)
+s = Settings(rotation=0, shift=0, batch_size=batch)
 accelerator = Accelerator(cpu=True, dataloader_config=sharding(s.seed))
-train_loader, _ = make_loaders(s, root, accelerator.device)
+train_loader, _, _ = make_loaders(s, root, accelerator.device)
 train_loader = accelerator.prepare(train_loader)
 epochs = []
 for epoch in (1, 2):

@@ -1,10 +1,18 @@
 """The training program run as a user runs it, on a slice of real MNIST."""
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_dist.train import reached
 
-from conftest import count_correct, launch, read_metrics
+from conftest import REPO, count_correct, launch, read_metrics
 
 METRIC_KEYS = {"params", "target_acc", "reached_target", "stop_epoch", "world_size", "mixed_precision",
                "wall_seconds", "final_val_acc", "epochs"}
@@ -21,8 +29,10 @@ def tensorboard_tags(run_dir) -> dict[str, set[str]]:
         for kind, names in acc.Tags().items():
             if isinstance(names, list):
                 tags.setdefault(kind, set()).update(names)
-        if acc.PluginTagToContent("hparams"):
-            tags.setdefault("plugins", set()).add("hparams")
+        try:
+            tags.setdefault("hparams", set()).update(acc.PluginTagToContent("hparams"))
+        except KeyError:  # this folder holds no hparams
+            pass
     return tags
 
 
@@ -55,7 +65,7 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     assert SCALARS | {"step/loss", "step/lr", "hparam/final_val_acc"} <= tags["scalars"]
     assert {"test/mistakes", "test/confusion_matrix"} <= tags["images"]
     assert "model/summary/text_summary" in tags["tensors"]
-    assert "hparams" in tags["plugins"]
+    assert "_hparams_/experiment" in tags["hparams"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
     # The reported accuracy is that of the saved weights, to the image.
@@ -70,6 +80,42 @@ def test_run_folder_holding_a_run_is_refused(tmp_path, mnist_root):
     assert result.returncode != 0
     assert "already holds a run" in result.stderr
     assert (out / "config.json").read_text() == "{}"
+
+
+def test_val_split_validates_on_held_out_training_images_and_tests_once(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    result = launch(["--val-split", "500", "--epochs", "1", "--train-limit", "2000", "--test-limit", "300",
+                     "--data-dir", str(mnist_root), "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr
+    m = read_metrics(out)
+    row = m["epochs"][0]
+    assert (row["val_total"], row["train_images"]) == (500, 1500)
+    assert m["validation"] == "500 held-out training images"
+    assert 0 <= m["test_acc"] <= 100 and f"test acc {m['test_acc']:.2f}%" in result.stdout
+    assert count_correct(out / "model.safetensors", mnist_root, 300) == round(m["test_acc"] * 3)
+
+
+def test_a_terminal_gets_a_progress_bar_with_throughput(tmp_path, mnist_root):
+    """On a terminal the main process draws a tqdm bar; in logs (the other tests) only plain lines appear."""
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 columns wide
+    cmd = [sys.executable, "-m", "mnist_dist.train", "--epochs", "1", "--train-limit", "1280", "--test-limit", "100",
+           "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "run")]
+    job = subprocess.Popen(cmd, stdout=terminal, stderr=terminal, cwd=REPO)
+    os.close(terminal)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the job closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert job.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "epoch 1:" in text and "img_s=" in text and "acc=" in text
+    assert "epoch  1/1" in text  # the plain line is printed as well
 
 
 @pytest.mark.slow
