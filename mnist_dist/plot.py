@@ -71,9 +71,10 @@ if __name__ == "__main__":
 
 def confusion_figure(confusion) -> plt.Figure:
     """The 10x10 confusion matrix (rows: true digit, columns: predicted) with counts in the cells."""
+    confusion = np.asarray(confusion)
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100)
     ax.imshow(confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(int(confusion.max()), 2)))
-    for (i, j), n in np.ndenumerate(np.asarray(confusion)):
+    for (i, j), n in np.ndenumerate(confusion):
         if n:
             ax.text(j, i, int(n), ha="center", va="center", fontsize=7, color="white" if i == j else "black")
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="true", title="Test confusion matrix")
@@ -83,6 +84,7 @@ def confusion_figure(confusion) -> plt.Figure:
 
 def mistakes_figure(images, true, pred, limit: int = 48) -> plt.Figure:
     """A grid of misclassified digits, each captioned 'true -> predicted'."""
+    images = np.asarray(images)
     n = min(len(images), limit)
     cols = 8
     rows = max(1, -(-n // cols))

@@ -304,8 +304,9 @@ def train(s: Settings) -> dict:
     if test_loader is not None:
         _, test_correct, test_total = evaluate(model, test_loader, accelerator)
         metrics["test_acc"] = 100 * test_correct / test_total
-    weights = accelerator.get_state_dict(model)  # a collective under some backends: every rank calls it
     if accelerator.is_main_process:
+        # The plain Net's parameter names, also under --compile, so evaluate/predict load them.
+        weights = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()
         # channels_last weights are strided views; safetensors stores contiguous tensors.
         save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
