@@ -222,8 +222,10 @@ def train(s: Settings) -> dict:
                       f"precision {accelerator.mixed_precision} | global batch {s.batch_size * world}, "
                       f"{steps_per_epoch} steps/epoch | run folder {out}")
     show_bar = accelerator.is_main_process and sys.stderr.isatty()
-    epoch = progress["epoch"]
-    for epoch in range(progress["epoch"] + 1, s.epochs + 1):
+    # A run resumed after it met the target has nothing left to train.
+    met = bool(history) and not progress["batches_done"] and reached(
+        history[-1]["val_correct"], history[-1]["val_total"], s.target_acc)
+    for epoch in range(progress["epoch"] + 1, (progress["epoch"] if met else s.epochs) + 1):
         t0 = time.perf_counter()
         model.train()
         train_loader.set_epoch(epoch)
