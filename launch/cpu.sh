@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One CPU process (or one GPU, where there is one), with the project's accelerate config.
+# One CPU process using every core, with the project's accelerate config.
 #   launch/cpu.sh [--epochs 5 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

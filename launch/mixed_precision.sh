@@ -4,5 +4,9 @@
 #   PRECISION=fp16 launch/mixed_precision.sh [--epochs 10 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec accelerate launch -q --config_file accelerate_config.yaml --mixed_precision "${PRECISION:-bf16}" \
-    -m mnist_dist.train "$@"
+if nvidia-smi -L > /dev/null 2>&1; then
+    where=(--num_processes 1 --num_machines 1 --dynamo_backend no)
+else
+    where=(--config_file accelerate_config.yaml)  # the CPU, every core
+fi
+exec accelerate launch -q "${where[@]}" --mixed_precision "${PRECISION:-bf16}" -m mnist_dist.train "$@"
