@@ -21,12 +21,13 @@ def _opt(default, help: str, **kw):
 class Settings:
     epochs: int = _opt(19, "most epochs to train; the seed asks for fewer than 20")
     target_acc: float = _opt(99.41, "stop once validation accuracy reaches this, in percent")
-    batch_size: int = _opt(128, "training images per step, per process")
+    batch_size: int = _opt(64, "training images per step, per process")
     global_batch_size: int = _opt(0, "if > 0: training images per step over all processes "
                                      "(per process = this / world size); overrides --batch-size")
-    lr: float = _opt(0.02, "peak learning rate of the one-cycle schedule, per optimizer step")
-    schedule_epochs: int = _opt(6, "epochs over which the one-cycle schedule anneals; "
-                                   "after that the learning rate stays at its floor")
+    lr: float = _opt(0.015, "peak learning rate of the one-cycle schedule, per optimizer step")
+    schedule_epochs: int = _opt(5, "epochs over which the one-cycle schedule anneals")
+    tail_lr: float = _opt(0.01, "learning rate after the schedule, as a fraction of --lr, until the target "
+                                "is met or --epochs run out (0: stay at the schedule's floor, about lr/250,000)")
     dropout: float = _opt(0.0, "Dropout2d probability after each conv block (0: the layers stay, inactive)")
     rotation: float = _opt(7.0, "random rotation of training images, +- degrees (0 = none)")
     shift: float = _opt(2.0, "random shift of training images, +- pixels on each axis (0 = none)")
@@ -43,7 +44,7 @@ class Settings:
     eval_batch_size: int = _opt(1000, "test images per evaluation step, per process")
     sync_bn: bool = _opt(False, "BatchNorm statistics over all processes' batches (2+ processes); with "
                                 "--global-batch-size, N processes then follow the one-process run")
-    channels_last: bool = _opt(True, "NHWC memory layout for the convolutions")
+    channels_last: bool = _opt(True, "NHWC memory layout for the convolutions after the first block")
     compile: bool = _opt(False, "torch.compile the network")
     mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
                                     "launch or its config", choices=["", "no", "bf16", "fp16", "fp8"])
@@ -61,6 +62,7 @@ class Settings:
             (self.global_batch_size >= 0, "--global-batch-size must be 0 (off) or positive"),
             (self.lr > 0, "--lr must be positive"),
             (self.schedule_epochs >= 1, "--schedule-epochs must be at least 1"),
+            (0 <= self.tail_lr <= 1, "--tail-lr is a fraction of --lr in [0, 1]"),
             (0 <= self.dropout < 1, "--dropout is a probability in [0, 1)"),
             (self.rotation >= 0, "--rotation is a non-negative number of degrees"),
             (0 <= self.shift < 14, "--shift is a number of pixels in [0, 14)"),

@@ -2,7 +2,7 @@ import re
 
 import torch
 
-from mnist_dist.model import Net, count_params, summary_table
+from mnist_dist.model import Net, count_params, summary_table, to_channels_last
 
 # The seed's summary table: (layer, output shape without batch, parameters).
 SEED_TABLE = [
@@ -40,3 +40,18 @@ def test_summary_leaves_model_and_rng_untouched():
     summary_table(net)
     assert torch.rand(1) == expected
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_channels_last_keeps_the_first_block_nchw_and_the_same_function():
+    net = Net().eval()
+    x = torch.randn(4, 1, 28, 28)
+    expected = net(x)
+    to_channels_last(net)
+    outputs = []
+    for layer in net.layers:
+        x = layer(x)
+        outputs.append(x)
+    # The 8-channel block NCHW, where its BatchNorm is fast; every later activation NHWC.
+    assert all(o.is_contiguous() for o in outputs[:4])
+    assert all(o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous() for o in outputs[4:-1])
+    torch.testing.assert_close(outputs[-1].flatten(1), expected)

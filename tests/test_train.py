@@ -45,8 +45,8 @@ def test_stop_rule_is_inclusive_and_exact():
 
 def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     out = tmp_path / "run"
-    result = launch(["--epochs", "2", "--train-limit", "600", "--test-limit", "301", "--target-acc", "100",
-                     "--data-dir", str(mnist_root), "--output-dir", str(out)])
+    result = launch(["--epochs", "2", "--schedule-epochs", "1", "--train-limit", "1280", "--test-limit", "301",
+                     "--target-acc", "100", "--data-dir", str(mnist_root), "--output-dir", str(out)])
     assert result.returncode == 0, result.stderr
     assert "Trainable params: 9,720" in result.stdout
     assert "epoch  2/2" in result.stdout and "did not reach 100.0%" in result.stdout
@@ -56,9 +56,9 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     assert (m["params"], m["world_size"], m["stop_epoch"], m["reached_target"]) == (9720, 1, 2, False)
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert all(EPOCH_KEYS <= e.keys() for e in m["epochs"])
-    assert all(e["train_images"] == 600 and e["val_total"] == 301 for e in m["epochs"])
+    assert all(e["train_images"] == 1280 and e["val_total"] == 301 for e in m["epochs"])
     assert m["final_val_acc"] == m["epochs"][-1]["val_acc"]
-    # Training learns something on 600 images in two epochs.
+    # Training learns something on 1,280 images in two epochs.
     assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"]
 
     tags = tensorboard_tags(out)
@@ -66,6 +66,13 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     assert {"test/mistakes", "test/confusion_matrix"} <= tags["images"]
     assert "model/summary/text_summary" in tags["tensors"]
     assert "_hparams_/experiment" in tags["hparams"]
+    # Logged every 10 steps. The one-cycle schedule fills epoch 1 (20 steps of 64) and anneals;
+    # epoch 2 runs at --tail-lr x --lr.
+    acc = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    lr = {e.step: e.value for e in acc.Scalars("step/lr")}
+    assert sorted(lr) == [10, 20, 30, 40]
+    assert lr[10] > lr[20] and lr[30] == lr[40] == pytest.approx(0.015 * 0.01)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
     # The reported accuracy is that of the saved weights, to the image.
