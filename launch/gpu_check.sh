@@ -36,8 +36,8 @@ for p in no bf16 fp16; do
     run "1gpu-$p" "--num_processes 1 --mixed_precision $p" "$@"
 done
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-    # The same global batch as one GPU: 256 per process.
-    run "2gpu-no" "--multi_gpu --num_processes 2 --mixed_precision no" --global-batch-size 512 "$@"
+    # The same global batch as the one-GPU default (64): 32 per process.
+    run "2gpu-no" "--multi_gpu --num_processes 2 --mixed_precision no" --global-batch-size 64 "$@"
     python3 - "$RUNS" <<'PY'
 import json, sys
 one = json.load(open(sys.argv[1] + "/1gpu-no/metrics.json"))["stop_epoch"]

@@ -26,8 +26,11 @@ import torch  # noqa: E402
 # The seed-style recipe: torchvision DataLoader with per-image PIL rotation,
 # batch 128, fp32 NCHW, Adam with a one-cycle schedule to 0.01, dropout 0.05.
 BASELINE = ["--loader", "torchvision", "--batch-size", "128", "--lr", "0.01", "--schedule-epochs", "15",
-            "--dropout", "0.05", "--shift", "0", "--no-channels-last"]
+            "--tail-lr", "0", "--dropout", "0.05", "--shift", "0", "--no-channels-last"]
 FAST: list[str] = []  # the package defaults
+# Figures from other machines (a GPU) are added to the markdown by hand under this
+# heading; a new benchmark run keeps them.
+ELSEWHERE = "## Measured elsewhere"
 
 
 def run_once(args: list[str], seed: int, data_dir: str, workdir: Path, name: str) -> dict:
@@ -97,6 +100,13 @@ def report(results: dict[str, list[dict]], args) -> str:
     ])
 
 
+def write_report(path: Path, text: str) -> None:
+    """Write the markdown report, keeping the hand-written section under ELSEWHERE of the file it replaces."""
+    previous = path.read_text() if path.is_file() else ""
+    kept = previous[previous.index(ELSEWHERE):] if ELSEWHERE in previous else ""
+    path.write_text(text + ("\n" + kept if kept else ""))
+
+
 def plot(results: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=110)
     for color, (name, runs) in zip(("C1", "C0"), results.items()):
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     text = report(results, args)
     plot(results, args.markdown.parent / "bench_accuracy_vs_time.png")
-    args.markdown.write_text(text)
+    write_report(args.markdown, text)
     (args.markdown.parent / "bench_runs.json").write_text(json.dumps(results, indent=1))
     print(text)
 

@@ -1,0 +1,31 @@
+"""The benchmark's pure pieces: medians over runs, and the report file it rewrites."""
+import math
+
+from mnist_dist.bench import ELSEWHERE, summarize, write_report
+
+
+def run(stop_epoch: int, reached: bool, wall: float, images_per_s: float) -> dict:
+    epochs = [{"train_images": 60000, "train_seconds": 60000 / images_per_s, "seconds": 10.0}] * stop_epoch
+    return {"stop_epoch": stop_epoch, "reached_target": reached, "wall_seconds": wall, "final_val_acc": 99.4,
+            "epochs": epochs}
+
+
+def test_summarize_takes_medians_and_counts_only_runs_that_reached():
+    s = summarize([run(5, True, 60.0, 5000), run(6, True, 70.0, 6000), run(19, False, 300.0, 7000)])
+    assert (s["runs"], s["reached"]) == (3, 2)
+    assert (s["stop_epoch"], s["max_stop_epoch"], s["time_to_target"]) == (5.5, 6, 65.0)
+    assert s["images_per_s"] == 7000  # median over all 30 epochs: 5 at 5,000, 6 at 6,000, 19 at 7,000
+
+
+def test_summarize_without_a_run_that_reached_gives_nan():
+    s = summarize([run(19, False, 300.0, 5000)])
+    assert s["reached"] == 0 and math.isnan(s["stop_epoch"]) and math.isnan(s["time_to_target"])
+
+
+def test_report_keeps_the_hand_written_section_of_the_file_it_replaces(tmp_path):
+    path = tmp_path / "benchmarks.md"
+    write_report(path, "# Benchmarks\nold table\n")
+    assert path.read_text() == "# Benchmarks\nold table\n"
+    path.write_text(path.read_text() + f"\n{ELSEWHERE}\n\nH100 figures\n")
+    write_report(path, "# Benchmarks\nnew table\n")
+    assert path.read_text() == f"# Benchmarks\nnew table\n\n{ELSEWHERE}\n\nH100 figures\n"
