@@ -26,8 +26,9 @@ class Settings:
                                      "(per process = this / world size); overrides --batch-size")
     lr: float = _opt(0.015, "peak learning rate of the one-cycle schedule, per optimizer step")
     schedule_epochs: int = _opt(5, "epochs over which the one-cycle schedule anneals")
-    tail_lr: float = _opt(0.01, "learning rate after the schedule, as a fraction of --lr, until the target "
-                                "is met or --epochs run out (0: stay at the schedule's floor, about lr/250,000)")
+    tail_lr: float = _opt(0.1, "after the schedule, until the target is met or --epochs run out, each epoch "
+                               "anneals again (cosine) from this fraction of --lr to zero (0: stay at the "
+                               "schedule's floor, about lr/250,000)")
     dropout: float = _opt(0.0, "Dropout2d probability after each conv block (0: the layers stay, inactive)")
     rotation: float = _opt(7.0, "random rotation of training images, +- degrees (0 = none)")
     shift: float = _opt(2.0, "random shift of training images, +- pixels on each axis (0 = none)")

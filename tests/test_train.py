@@ -1,5 +1,6 @@
 """The training program run as a user runs it, on a slice of real MNIST."""
 import fcntl
+import math
 import os
 import pty
 import struct
@@ -67,12 +68,14 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     assert "model/summary/text_summary" in tags["tensors"]
     assert "_hparams_/experiment" in tags["hparams"]
     # Logged every 10 steps. The one-cycle schedule fills epoch 1 (20 steps of 64) and anneals;
-    # epoch 2 runs at --tail-lr x --lr.
+    # epoch 2 anneals again, by a cosine from --tail-lr x --lr (0.1 x 0.015) to zero.
     acc = EventAccumulator(str(next(out.rglob("events.out.tfevents.*")).parent))
     acc.Reload()
     lr = {e.step: e.value for e in acc.Scalars("step/lr")}
     assert sorted(lr) == [10, 20, 30, 40]
-    assert lr[10] > lr[20] and lr[30] == lr[40] == pytest.approx(0.015 * 0.01)
+    assert lr[10] > lr[20]
+    assert lr[30] == pytest.approx(0.0015 * 0.5 * (1 + math.cos(math.pi * 9 / 20)))
+    assert lr[40] == pytest.approx(0.0015 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
     # The reported accuracy is that of the saved weights, to the image.
