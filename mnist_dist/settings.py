@@ -42,7 +42,9 @@ class Settings:
     loader: str = _opt("tensor", "input path: 'tensor' (device-resident, batched augmentation) "
                                  "or 'torchvision' (the seed's DataLoader)", choices=["tensor", "torchvision"])
     workers: int = _opt(2, "DataLoader worker processes per process (torchvision loader only)")
-    eval_batch_size: int = _opt(1000, "test images per evaluation step, per process")
+    # 250, not 1000: on the CPU a batch of 250 keeps its activations in cache and evaluates the
+    # 10,000 test images in 0.38 s instead of 0.66 s; on a GPU either is a few milliseconds.
+    eval_batch_size: int = _opt(250, "test images per evaluation step, per process")
     sync_bn: bool = _opt(False, "BatchNorm statistics over all processes' batches (2+ processes); with "
                                 "--global-batch-size, N processes then follow the one-process run")
     channels_last: bool = _opt(True, "NHWC memory layout for the convolutions after the first block")

@@ -42,5 +42,5 @@ def test_report_figures_draw():
     confusion[4, 9] = 7
     assert confusion_figure(confusion).axes[0].get_xlabel() == "predicted"
     fig = mistakes_figure(torch.rand(5, 1, 28, 28), torch.tensor([4, 9, 7, 1, 2]), torch.tensor([9, 4, 1, 7, 7]))
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == ["4 -> 9", "9 -> 4", "7 -> 1", "1 -> 7", "2 -> 7"]
+    captions = [t.get_text() for t in fig.axes[0].texts]
+    assert captions == ["4 -> 9", "9 -> 4", "7 -> 1", "1 -> 7", "2 -> 7"]
