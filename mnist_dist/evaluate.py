@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:
         if accelerator.is_main_process:
             print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
+        accelerator.end_training()
         return 2
     test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
     loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         print(report(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
+    # Ends the process group: one left for the interpreter's shutdown can abort a rank with
+    # SIGABRT after its work is done ("terminate called without an active exception").
+    accelerator.end_training()
     return 0
 
 

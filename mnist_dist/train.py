@@ -365,17 +365,23 @@ def train(s: Settings) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
+    code = 0
     try:
         train(settings)
     except RunError as err:
         print(f"mnist_dist: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except Interrupted as stop:
         if PartialState().is_main_process:
             print(f"mnist_dist: stopped by {signal.Signals(stop.signum).name}; saved {stop.checkpoint}. "
                   f"Continue with the same command plus --resume {stop.checkpoint}", file=sys.stderr)
-        return 128 + stop.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
-    return 0
+        code = 128 + stop.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+    # train() ends the process group when it finishes; these exits must too. One left for the
+    # interpreter's shutdown can abort the process ("terminate called without an active
+    # exception": gloo's threads outlive Python's), turning exit code 2 into a SIGABRT.
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
