@@ -84,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     try:
+        return evaluate(args, accelerator)
+    finally:
+        # Ends the process group: one left for the interpreter's shutdown can abort a rank with
+        # SIGABRT after its work is done ("terminate called without an active exception").
+        accelerator.end_training()
+
+
+def evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """Score the weights on the test set and report on the main process; the exit code."""
+    try:
         # Every rank loads (and so fails) alike: no rank is left waiting in a collective.
         net = load_net(args.weights).to(accelerator.device)
         with accelerator.main_process_first():  # one process extracts the files
@@ -91,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as err:
         if accelerator.is_main_process:
             print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
-        accelerator.end_training()
         return 2
     test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
     loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
@@ -100,9 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         print(report(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
-    # Ends the process group: one left for the interpreter's shutdown can abort a rank with
-    # SIGABRT after its work is done ("terminate called without an active exception").
-    accelerator.end_training()
     return 0
 
 
