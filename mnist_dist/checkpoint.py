@@ -1,63 +1,122 @@
-"""Checkpoints: Accelerate's `save_state` made atomic, plus the loop's own progress.
+"""Checkpoints: Accelerate's `save_state`, made atomic, with the loop's progress inside.
 
-A checkpoint is `RUN/checkpoints/epoch_0003` (or `epoch_0003_step_0042` when a
-signal stopped the run mid-epoch). It is first written as `.partial-...` and
-renamed once complete, so a kill during a save leaves the previous one intact.
-Model, optimizer, scheduler, sampler and RNG states are Accelerate's files;
-`progress.json` holds the epoch, the step and the metrics history.
+A checkpoint is `RUN/checkpoints/epoch_0003` (or `epoch_0003_step_00042` when a
+signal stopped the run 42 steps into epoch 4). It is written as `.partial-...`
+and renamed once complete, so a kill or a full disk during a save leaves the
+previous one intact. Model, optimizer, schedule, sampler and per-rank RNG states
+are Accelerate's files; the loop's `Progress` is registered with Accelerate and
+saved with them (`custom_checkpoint_0.pkl`).
 """
-import json
+import dataclasses
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
+from mnist_dist.distributed import agree, on_main, raise_together
 from mnist_dist.settings import RunError
 
-MARK = "mnist_dist checkpoint"
+PROGRESS = "custom_checkpoint_0.pkl"  # where Accelerate saves the first registered object
+# Settings that fix the training trajectory: a resume with other values would silently
+# continue another run, so it is refused. --epochs and --target-acc may change.
+TRAJECTORY = ("batch_size", "world_size", "lr", "schedule_epochs", "tail_lr", "dropout", "rotation", "shift",
+              "seed", "train_limit", "test_limit", "val_split", "loader", "workers", "sync_bn", "channels_last",
+              "mixed_precision")
 
 
-def save(accelerator: Accelerator, run_dir: Path, progress: dict, keep: int) -> Path:
+@dataclass
+class Progress:
+    """Where the loop stands, saved in every checkpoint. The same on every rank."""
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # steps taken into the next epoch (a checkpoint made mid-epoch)
+    carried: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # that part's loss x images, correct, images: all ranks
+    history: list = field(default_factory=list)  # one row per completed epoch
+    trajectory: dict = field(default_factory=dict)  # TRAJECTORY's values for this run
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def newest(run_dir: Path) -> Path | None:
+    found = sorted(run_dir.glob("checkpoints/epoch_*"))
+    return found[-1] if found else None
+
+
+def save(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int) -> Path:
     """Save the full training state; keep the newest `keep` checkpoints. Every rank must call it."""
-    name = f"epoch_{progress['epoch']:04d}" + (f"_step_{progress['batches_done']:05d}" if progress["batches_done"] else "")
+    name = f"epoch_{progress.epoch:04d}" + (f"_step_{progress.batches_done:05d}" if progress.batches_done else "")
     folder, partial = run_dir / "checkpoints" / name, run_dir / "checkpoints" / f".partial-{name}"
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()  # all ranks' files are written
-    if accelerator.is_main_process:
-        (partial / "progress.json").write_text(json.dumps({"format": MARK, **progress}))
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
-        for old in sorted(run_dir.glob("checkpoints/epoch_*"))[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
+    last = newest(run_dir)
+    on_main(accelerator.state, _clear_partials, run_dir)  # a save killed earlier leaves one
+    error = None
+    try:
+        accelerator.save_state(str(partial))  # each rank writes its RNG state, the main one the rest
+    except Exception as err:  # OSError, or torch's RuntimeError from its zip writer on a full disk
+        free = shutil.disk_usage(run_dir).free // 1024
+        error = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}; {free:,} KiB left on that disk"
+    error = agree(error)
+    if error:
+        on_main(accelerator.state, _clear_partials, run_dir)
+        raise RunError(f"cannot write the checkpoint '{folder}' ({error}). "
+                       + (f"The last complete checkpoint is '{last}': once there is room, continue with "
+                          f"--resume {last}." if last else "No earlier checkpoint exists."))
+    on_main(accelerator.state, _publish, partial, folder, keep)
     return folder
+
+
+def _clear_partials(run_dir: Path) -> None:
+    for old in run_dir.glob("checkpoints/.partial-*"):
+        shutil.rmtree(old)
+
+
+def _publish(partial: Path, folder: Path, keep: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    for old in sorted(folder.parent.glob("epoch_*"))[:-keep]:
+        shutil.rmtree(old)
 
 
 def find(resume: str, run_dir: Path) -> Path:
     """The checkpoint folder `--resume` means: 'latest' in `run_dir`, or a given path."""
-    if resume == "latest":
-        found = sorted(run_dir.glob("checkpoints/epoch_*"))
-        if not found:
-            raise RunError(f"--resume found no checkpoint in '{run_dir}/checkpoints'; pass the run folder "
-                           "with --output-dir, or a checkpoint folder with --resume PATH.")
-        return found[-1]
-    folder = Path(resume)
-    try:
-        ok = json.loads((folder / "progress.json").read_text()).get("format") == MARK
-    except (OSError, ValueError, AttributeError):
-        ok = False
-    if not ok:
-        raise RunError(f"'{folder}' is not an mnist_dist checkpoint (no valid progress.json); checkpoints are "
+    folder = newest(run_dir) if resume == "latest" else Path(resume)
+    if folder is None:
+        raise RunError(f"--resume found no checkpoint in '{run_dir}/checkpoints'; pass the run folder "
+                       "with --output-dir, or a checkpoint folder with --resume PATH.")
+    if not (folder / PROGRESS).is_file():
+        raise RunError(f"'{folder}' is not an mnist_dist checkpoint (no {PROGRESS}); checkpoints are "
                        "the folders RUN/checkpoints/epoch_NNNN.")
     return folder
 
 
-def load(accelerator: Accelerator, folder: Path) -> dict:
-    """Restore the training state saved in `folder`; return its progress (epoch, step, history)."""
+def check(folder: Path, trajectory: dict, rank: int) -> None:
+    """Refuse, on every rank, a checkpoint this rank cannot read or that another trajectory wrote.
+    Reads only: nothing is written before the resume is known to be sound."""
+    error = None
+    try:
+        saved = torch.load(folder / PROGRESS, weights_only=True)["trajectory"]
+        changed = [f"{k.replace('_', '-')} (saved {saved.get(k)!r}, given {v!r})"
+                   for k, v in trajectory.items() if saved.get(k) != v]
+        if changed:
+            error = (f"cannot resume '{folder}' with other settings: {', '.join(changed)}. Use the run's "
+                     "settings (world-size is the number of processes), or start a new run.")
+        elif not (folder / f"random_states_{rank}.pkl").is_file():
+            error = f"cannot resume '{folder}': process {rank} finds no random_states_{rank}.pkl there."
+    except Exception as err:  # unreadable, truncated, not ours
+        error = f"cannot read the checkpoint '{folder}' ({type(err).__name__}: {err})."
+    raise_together(error)
+
+
+def load(accelerator: Accelerator, folder: Path) -> None:
+    """Restore the training state saved in `folder` (and the registered Progress) on every rank."""
+    error = None
     try:
         # Accelerate's own loaders: weights from safetensors, other state via torch.load(weights_only=True)
         accelerator.load_state(str(folder))
     except Exception as err:
-        raise RunError(f"cannot load the checkpoint '{folder}' ({type(err).__name__}: {err}); "
-                       "was it saved with other settings?") from None
-    return json.loads((folder / "progress.json").read_text())
+        error = f"cannot load the checkpoint '{folder}' ({type(err).__name__}: {err})."
+    raise_together(error)

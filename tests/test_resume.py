@@ -1,19 +1,27 @@
-"""Never lose a run: epoch checkpoints, exact resume, and stopping on SIGTERM."""
-import os
+"""Never lose a run: epoch checkpoints, exact resume, extended runs, refused resumes, SIGTERM."""
+import math
 import signal
-import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, read_metrics, run
+from conftest import read_metrics, run, scalars, start
 
 TIMING = {"seconds", "train_seconds", "elapsed"}
 
 
-def train(*args) -> subprocess.CompletedProcess:
+def train(*args) -> "subprocess.CompletedProcess":  # noqa: F821
     return run([sys.executable, "-m", "mnist_dist.train", *args], timeout=300)
+
+
+def same_run(a, b) -> bool:
+    """Bit-identical weights and the same history but for timings."""
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    strip = lambda m: [{k: v for k, v in e.items() if k not in TIMING} for e in m["epochs"]]  # noqa: E731
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa) and \
+        strip(read_metrics(a)) == strip(read_metrics(b))
 
 
 def test_stopped_then_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, mnist_root):
@@ -25,28 +33,56 @@ def test_stopped_then_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_p
     resumed = train(*flags, "--epochs", "3", "--output-dir", str(split), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "after epoch 2" in resumed.stdout
-
-    a, b = load_file(whole / "model.safetensors"), load_file(split / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda m: [{k: v for k, v in e.items() if k not in TIMING} for e in m["epochs"]]  # noqa: E731
-    assert strip(read_metrics(whole)) == strip(read_metrics(split))
+    assert same_run(whole, split)
     assert [e["epoch"] for e in read_metrics(split)["epochs"]] == [1, 2, 3]
     assert sorted(p.name for p in (split / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]  # keep 2
+
+
+def test_a_finished_run_extended_with_more_epochs_keeps_its_schedule(tmp_path, mnist_root):
+    """--epochs 2 plans a 2-epoch cycle; resumed with --epochs 4 the run goes on with warm restarts
+    (a cosine from 0.1 x lr each epoch), as a run whose cycle ended short of its target does."""
+    out = tmp_path / "run"
+    flags = ["--train-limit", "1280", "--test-limit", "200", "--target-acc", "100", "--data-dir", str(mnist_root),
+             "--output-dir", str(out)]
+    assert train(*flags, "--epochs", "2").returncode == 0
+    first = read_metrics(out)["epochs"]
+    (out / "checkpoints" / ".partial-epoch_0003").mkdir()  # left by a save that was killed
+    resumed = train(*flags, "--epochs", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    history = read_metrics(out)["epochs"]
+    assert [e["epoch"] for e in history] == [1, 2, 3, 4] and history[:2] == first
+    lr = scalars(out, "step/lr")  # logged every 10 steps; 20 steps an epoch
+    assert lr[50] == pytest.approx(0.0015 * 0.5 * (1 + math.cos(math.pi * 9 / 20)))
+    assert lr[80] == pytest.approx(0.0015 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0003", "epoch_0004"]
+
+
+@pytest.mark.parametrize("change, says", [
+    (["--lr", "0.02"], "lr (saved 0.015, given 0.02)"),
+    (["--batch-size", "32"], "batch-size (saved 64, given 32)"),
+])
+def test_a_resume_that_would_change_the_trajectory_is_refused_before_anything_is_written(
+        tmp_path, mnist_root, change, says):
+    out = tmp_path / "run"
+    flags = ["--epochs", "1", "--train-limit", "640", "--test-limit", "100", "--data-dir", str(mnist_root),
+             "--output-dir", str(out)]
+    assert train(*flags).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    refused = train(*flags[:-2], "--epochs", "2", *change, "--output-dir", str(out), "--resume")
+    assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, mnist_root):
     out = tmp_path / "run"
     flags = ["--train-limit", "12000", "--test-limit", "1000", "--epochs", "2", "--target-acc", "100",
              "--data-dir", str(mnist_root), "--output-dir", str(out)]
-    job = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", *flags], cwd=REPO, text=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in job.stdout:
-        if "steps/epoch" in line:  # training has started
-            break
+    job = start([sys.executable, "-m", "mnist_dist.train", *flags])
     job.send_signal(signal.SIGTERM)
-    _, err = job.communicate(timeout=120)
-    assert job.returncode == 143, err
-    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    output, _ = job.communicate(timeout=120)
+    assert job.returncode == 143, output
+    assert "stopped by SIGTERM" in output and "--resume" in output and "Traceback" not in output
     saved = list((out / "checkpoints").glob("epoch_0000_step_*"))
     assert len(saved) == 1 and not (out / "metrics.json").exists()
 

@@ -1,0 +1,115 @@
+"""What the processes of a job, and their launcher, must agree on.
+
+The device and thread count each process takes, the refusal of launches that
+would train the wrong thing, and errors: a problem found on any rank reaches
+every rank (`agree`), so that all of them stop together with one message
+instead of leaving the others in their next collective until the timeout.
+"""
+import ctypes
+import os
+import signal
+
+import psutil
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
+
+from mnist_dist.settings import RunError
+
+# Set in the trainer's environment by `accelerate launch` and by torchrun, respectively.
+LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
+
+
+def use_cpu(cuda_available: bool, env=os.environ) -> bool:
+    """The CPU when asked for (`accelerate launch --cpu`, `use_cpu: true`, ACCELERATE_USE_CPU=1), or when
+    there is no GPU. Asking explicitly matters under a CPU-only torchrun too: without it Accelerate
+    (1.13+) leaves every rank believing it is alone."""
+    if "ACCELERATE_USE_CPU" in env:
+        return env["ACCELERATE_USE_CPU"].lower() in ("1", "true", "yes", "on")
+    return not cuda_available
+
+
+def user_chose_threads() -> bool:
+    """Whether the thread count was the user's choice rather than the launcher's default.
+
+    `accelerate launch` sets OMP_NUM_THREADS for the trainer whatever happens: 1 with no config on a
+    CPU-only machine, and torchrun sets 1 for several processes. The user's choice shows in the
+    launcher's own environment (OMP_NUM_THREADS exported before the launch) or command line
+    (--num_cpu_threads_per_process); run without a launcher, our own environment is the user's.
+    """
+    if "OMP_NUM_THREADS" not in os.environ or not LAUNCHED & os.environ.keys():
+        return "OMP_NUM_THREADS" in os.environ
+    try:
+        parent = psutil.Process().parent()
+        return "OMP_NUM_THREADS" in parent.environ() or any(
+            a.replace("-", "_").startswith("__num_cpu_threads_per_process") for a in parent.cmdline())
+    except (psutil.Error, AttributeError):  # no parent, or another user's: trust the environment
+        return True
+
+
+def set_threads() -> int:
+    """Give this process its share of the cores it may run on, unless the user chose; returns the count."""
+    if not user_chose_threads():
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_machine))
+    return torch.get_num_threads()
+
+
+def die_with_launcher() -> None:
+    """Ask Linux to send SIGTERM to this process when its launcher dies.
+
+    The one-process `accelerate launch` does not forward signals: killed, it would leave the trainer
+    running on as an orphan. With this, the trainer gets the SIGTERM, saves a checkpoint and exits.
+    Only under a launcher: run straight from a shell (`nohup python -m ...`), the job outlives it.
+    """
+    if not LAUNCHED & os.environ.keys():
+        return
+    try:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux/glibc
+        return
+    if os.getppid() == 1:  # the launcher was already gone before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def agree(error: str | None) -> str | None:
+    """Every rank's error, if any, to every rank: the first one found, or None. Every rank must call it."""
+    return next((e for e in gather_object([error]) if e), None)
+
+
+def raise_together(error: str | None) -> None:
+    """Raise RunError on every rank if any rank found an error. Every rank must call it."""
+    error = agree(error)
+    if error:
+        raise RunError(error)
+
+
+def on_main(state: PartialState, fn, *args):
+    """Run `fn(*args)` on the main process only; a failure there (a full disk, say) stops every rank."""
+    error = None
+    if state.is_main_process:
+        try:
+            fn(*args)
+        except OSError as err:
+            error = f"cannot write '{err.filename or ''}' ({err.strerror or err})"
+        except RunError as err:
+            error = str(err)
+    raise_together(error)
+
+
+def check_launch(state: PartialState, mixed_precision: str) -> None:
+    """Refuse the launch modes that would silently train the wrong thing."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes == 1:
+        raise RunError(
+            f"{launched} processes were launched but Accelerate sees a single process, so every one "
+            "would train on all the data and write the same files. On a machine without GPUs use "
+            "'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
+            "(with torchrun, set ACCELERATE_USE_CPU=1)."
+        )
+    if mixed_precision == "fp16" and state.device.type == "cpu":
+        raise RunError(
+            "fp16 mixed precision needs a CUDA GPU; on the CPU Accelerate would silently train in fp32. "
+            "Use --mixed_precision bf16 (CPU autocast) or no."
+        )
