@@ -73,6 +73,23 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def join_restarted_group(cpu: bool, timeout) -> None:
+    """Start the process group of a group that torchrun restarted (--max_restarts) under its own key prefix.
+
+    The agent's store outlives the attempt before, and holds its keys: without a prefix a rank can read
+    a dead peer's address and fail to connect (gloo's "connectFullMesh failed"; pytorch/pytorch#135712
+    is the same race for NCCL). Accelerate then finds the group started and keeps it.
+    """
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       is_master=False, timeout=timeout)
+    torch.distributed.init_process_group(
+        "gloo" if cpu else "nccl", store=torch.distributed.PrefixStore(f"attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
 def agree(error: str | None) -> str | None:
     """Every rank's error, if any, to every rank: the first one found, or None. Every rank must call it."""
     return next((e for e in gather_object([error]) if e), None)

@@ -3,10 +3,17 @@
 Where to run (processes, machines, precision) belongs to `accelerate launch`
 and its config; what to train belongs here. Each field's help gives its unit
 and scope ("per process" or "global").
+
+A run can be replayed from its config.json: `--config runs/X/config.json`,
+where flags on the command line still win, wherever they stand.
 """
 import argparse
 import dataclasses
+import json
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 class RunError(RuntimeError):
@@ -15,6 +22,37 @@ class RunError(RuntimeError):
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+# Trackers with an extra in pyproject.toml; any other installs as the package of the tracker's name.
+EXTRAS = ("mlflow", "wandb")
+
+
+def trackers(report_to: str) -> list[str]:
+    """The tracker names for Accelerator(log_with=...) that --report-to asks for.
+
+    Raise RunError for a name Accelerate does not know, or one whose package is
+    missing: Accelerate itself would skip that tracker silently and train anyway.
+    """
+    # Imported here, not above: accelerate pulls in torch, and the names are its own lists.
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    installed = [str(t) for t in get_available_trackers()]
+    names = [n.strip() for n in report_to.split(",") if n.strip()]
+    if names == ["all"]:
+        return installed
+    if names == ["none"]:
+        return []
+    known = [n for n in LoggerType.list() if n != "all"]
+    for name in names:
+        if name not in known:
+            raise RunError(f"--report-to: unknown tracker '{name}'; choose from {', '.join(known)}, "
+                           "or 'all' or 'none' alone")
+        if name not in installed:
+            fix = f'pip install -e ".[{name}]"' if name in EXTRAS else f"pip install {name}"
+            raise RunError(f"--report-to {name}: the {name} package is not installed; {fix} adds it")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -35,6 +73,11 @@ class Settings:
     seed: int = _opt(1, "seed for weights, shuffling, dropout and augmentation")
     data_dir: str = _opt("data", "MNIST root; filled from the offline copy or a download if empty")
     output_dir: str = _opt("", "run folder; default: a new runs/<timestamp>")
+    config: str = _opt("", "read settings from this JSON file, such as a run's config.json; flags on the "
+                           "command line override it; the replay gets a new run folder unless --output-dir")
+    report_to: str = _opt("tensorboard", "experiment trackers, comma-separated, written by the main process: "
+                                         "any of Accelerate's (tensorboard, mlflow, wandb, ...), 'all' "
+                                         "installed ones, or 'none'")
     val_split: int = _opt(0, "hold out N training images (seeded) to validate on, and test once at the end; "
                              "0 = validate on the test set, as the seed does")
     train_limit: int = _opt(0, "use only the first N training images (0 = all 60,000)")
@@ -79,6 +122,7 @@ class Settings:
         for ok, message in rules:
             if not ok:
                 raise RunError(message)
+        trackers(self.report_to)
 
     def as_flat_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,10 +147,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Keys of a run's config.json that say where and how that run went, not what to train. output_dir,
+# resume and config are settings, but replaying them would continue or overwrite the old run.
+NOT_REPLAYED = ("world_size", "global_batch", "distributed_type", "device", "versions", "threads",
+                "output_dir", "resume", "config")
+
+
+def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """The settings in a JSON file such as a run's config.json; argparse's error for a bad file, key or value."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path}: expected a JSON object of settings")
+    skipped = [k for k in NOT_REPLAYED if k in data]
+    if skipped and os.environ.get("RANK", "0") == "0":  # every process parses; one says it
+        print(f"mnist_dist: note: --config ignores {', '.join(skipped)}: they describe the old run, "
+              "not what to train", file=sys.stderr)
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values = {}
+    for key, value in data.items():
+        if key in NOT_REPLAYED:
+            continue
+        if key not in fields:
+            parser.error(f"--config {path}: '{key}' is not a setting")
+        f = fields[key]
+        # Exact JSON types: argparse would convert a string default ("5") and skip choices for
+        # defaults, and bool is an int to isinstance. A whole number may stand for a float.
+        ok = type(value) is f.type or (f.type is float and type(value) is int)
+        if not ok or value not in f.metadata.get("choices", [value]):
+            allowed = f.metadata.get("choices") or f.type.__name__
+            parser.error(f"--config {path}: '{key}' is {json.dumps(value)}; expected {allowed}")
+        values[key] = f.type(value)
+    return values
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
-    """Settings from the command line; invalid values exit with argparse's usage error."""
+    """Settings from the command line over those of --config; invalid values exit with argparse's usage error."""
     parser = build_parser()
-    settings = Settings(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.config:
+        # The file's values become the defaults, so that flags given on the command line win.
+        parser.set_defaults(**read_config(args.config, parser))
+        args = parser.parse_args(argv)
+    settings = Settings(**vars(args))
     try:
         settings.check()
     except RunError as err:

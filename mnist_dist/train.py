@@ -32,13 +32,13 @@ from tqdm import tqdm
 from mnist_dist import checkpoint
 from mnist_dist.checkpoint import TRAJECTORY, Progress
 from mnist_dist.data import load_tensors, make_loaders, prepare_mnist
-from mnist_dist.distributed import (check_launch, die_with_launcher, on_main, raise_together, set_threads,
-                                    use_cpu)
+from mnist_dist.distributed import (check_launch, die_with_launcher, join_restarted_group, on_main, raise_together,
+                                    set_threads, use_cpu)
 from mnist_dist.evaluate import Score, score
 from mnist_dist.model import Net, count_params, summary_table, sync_batchnorm, to_channels_last
 from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
 from mnist_dist.schedule import Schedule
-from mnist_dist.settings import RunError, Settings, parse_args
+from mnist_dist.settings import RunError, Settings, parse_args, trackers
 
 # Cross-entropy over 10 classes starts near ln(10) = 2.3 nats; a step above this
 # has diverged, even where the numbers are still finite (Adam keeps them so for a while).
@@ -139,6 +139,21 @@ class StopSignals:
             signal.signal(signum, signal.SIG_DFL)
 
 
+def others(accelerator: Accelerator) -> list:
+    """On the main process, the trackers besides TensorBoard, which is given its text and figures by name."""
+    return [t for t in accelerator.trackers if t.name != "tensorboard"] if accelerator.is_main_process else []
+
+
+def tensorboard(accelerator: Accelerator):
+    """On the main process, TensorBoard's SummaryWriter if the run reports to it; else None."""
+    found = [t for t in accelerator.trackers if t.name == "tensorboard"] if accelerator.is_main_process else []
+    return found[0].tracker if found else None
+
+
+def hparams(info: dict) -> dict:
+    return {k: v for k, v in info.items() if isinstance(v, (bool, int, float, str))}
+
+
 def run_name(s: Settings, restarted: bool) -> str:
     """The run folder (main process's choice): --output-dir, the folder of --resume PATH, or a new
     runs/<launch time>-<launcher pid>, which a group restarted by its launcher finds again."""
@@ -174,11 +189,17 @@ def start_run(s: Settings) -> Run:
     die_with_launcher()
     threads = set_threads()
     cpu = use_cpu(torch.cuda.is_available())
+    join_restarted_group(cpu, timedelta(seconds=s.timeout))
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=s.timeout))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # a group torchrun restarted
     out = Path(broadcast_object_list([run_name(s, restarted)])[0])
+    log_with = trackers(s.report_to)
+    if "mlflow" in log_with:  # Accelerate gives MLflow no folder: its store goes into the run folder
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this consent
+        os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "mnist_dist")
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=s.mixed_precision or None, log_with="tensorboard", project_dir=out,
+        cpu=cpu, mixed_precision=s.mixed_precision or None, log_with=log_with, project_dir=out,
         dataloader_config=sharding(s.seed),
         # The schedule is defined per optimizer step, at any world size.
         step_scheduler_with_optimizer=False)
@@ -204,7 +225,11 @@ def start_run(s: Settings) -> Run:
         error = str(err)
     raise_together(error)
     on_main(state, claim, out, info, not (resume_from or restarted))
-    accelerator.init_trackers("tensorboard")
+    # "tensorboard" names TensorBoard's folder in the run; the other trackers get the project's name.
+    accelerator.init_trackers("tensorboard", init_kwargs={"wandb": {"project": "mnist_dist", "name": out.name},
+                                                          "mlflow": {"run_name": out.name}})
+    for tracker in others(accelerator):  # TensorBoard gets the settings at the end, with the final metrics
+        tracker.store_init_configuration(hparams(info))
     return Run(s, accelerator, out, info, resume_from, data_root, t_start, stop)
 
 
@@ -216,7 +241,8 @@ def build(run: Run) -> Parts:
     model = Net(s.dropout)
     table = summary_table(model)
     accelerator.print(table)
-    accelerator.log({"model/summary": "    " + table.replace("\n", "\n    ")}, step=0)  # markdown code block
+    if tb := tensorboard(accelerator):
+        tb.add_text("model/summary", "    " + table.replace("\n", "\n    "), 0)  # a markdown code block
     if s.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model)
     if s.channels_last:
@@ -344,16 +370,20 @@ def write_outputs(run: Run, parts: Parts, metrics: dict) -> None:
 
 
 def log_final_report(run: Run, final: Score, metrics: dict) -> None:
-    """TensorBoard at the end (main process): mistakes, confusion matrix, hparams with the final metrics."""
-    tb = run.accelerator.get_tracker("tensorboard", unwrap=True)
+    """The trackers at the end (main process): the final metrics; TensorBoard also gets the settings
+    as hparams with them, the misclassified digits and the confusion matrix."""
+    results = {f"hparam/{k}": float(metrics[k]) for k in ("final_val_acc", "stop_epoch", "wall_seconds", "reached_target")}
+    step = metrics["stop_epoch"]
+    for tracker in others(run.accelerator):
+        tracker.log(results, step=step)
+    tb = tensorboard(run.accelerator)
+    if tb is None:
+        return
     images, _ = load_tensors(run.data_root, train=False, limit=run.s.test_limit)
     wrong = (final.pred != final.true).nonzero().flatten()
-    step = metrics["stop_epoch"]
     tb.add_figure("test/mistakes", mistakes_figure(images[wrong], final.true[wrong], final.pred[wrong]), step)
     tb.add_figure("test/confusion_matrix", confusion_figure(final.confusion()), step)
-    hparams = {k: v for k, v in run.info.items() if isinstance(v, (bool, int, float, str))}
-    tb.add_hparams(hparams, {f"hparam/{k}": float(metrics[k]) for k in
-                             ("final_val_acc", "stop_epoch", "wall_seconds", "reached_target")})
+    tb.add_hparams(hparams(run.info), results)
 
 
 def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> dict:
@@ -420,9 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"mnist_dist: stopped by {signal.Signals(stop.signum).name}; saved {stop.checkpoint}. "
             f"Continue with the same command plus --resume {stop.checkpoint}")
         code = 128 + stop.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
-    except torch.distributed.DistError as err:  # a collective failed: another process is gone
+    except (torch.distributed.DistError, RuntimeError) as err:
+        if not (isinstance(err, torch.distributed.DistError) or "gloo" in str(err)):
+            raise  # a bug: its traceback is the report
+        # A collective failed: another process of the job is gone, and its own error says why.
         print(f"mnist_dist: error: process {os.environ.get('RANK', '?')} lost the job's other processes "
-              f"({type(err).__name__}: {str(err).strip().splitlines()[0]}); see the first error above.", file=sys.stderr)
+              f"({str(err).strip().splitlines()[0][:200]})", file=sys.stderr)
         code = 1
     # train() ends the process group when it finishes; these exits must too. One left for the
     # interpreter's shutdown can abort the process ("terminate called without an active

@@ -106,12 +106,12 @@ def drawn(path, draw) -> str:
     return str(path)
 
 
-def test_predict_exported_and_drawn_digits_and_a_bad_file(trained, direct, mnist_root, tmp_path):
-    probs, labels = direct
-    images, _ = load_tensors(mnist_root, train=False)
-    # The first confidently right test image of each digit 0-7.
-    confident = (probs.argmax(1) == labels) & (probs.max(1).values > 0.99)
-    picks = [int(torch.nonzero(confident & (labels == d))[0]) for d in range(8)]
+def test_predict_agrees_with_the_labels_of_exported_test_digits_and_skips_a_bad_file(trained, mnist_root, tmp_path):
+    """100 test images drawn at random (all ten digits among them), exported as a user's PNG files,
+    plus two digits drawn in a paint program and a file that is no image."""
+    images, labels = load_tensors(mnist_root, train=False)
+    picks = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:100].tolist()
+    assert set(labels[picks].tolist()) == set(range(10))
     expected = {mnist_png(images[i], tmp_path / f"test{i}.png"): int(labels[i]) for i in picks}
     expected[drawn(tmp_path / "one.png", lambda d: d.line([(100, 30), (100, 170)], fill="black", width=18))] = 1
     expected[drawn(tmp_path / "zero.jpg", lambda d: d.ellipse([55, 25, 145, 175], outline="black", width=16))] = 0
@@ -119,16 +119,20 @@ def test_predict_exported_and_drawn_digits_and_a_bad_file(trained, direct, mnist
     bad.write_text("this is not an image")
     paths = list(expected)
     result = run([sys.executable, "-m", "mnist_dist.predict", "--weights", str(trained),
-                  *paths[:5], str(bad), *paths[5:]], timeout=300)
+                  *paths[:50], str(bad), *paths[50:]], timeout=300)
 
     assert result.returncode == 2
     assert "x.png" in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     got = {}
     for line in result.stdout.splitlines():  # the images after the bad one are answered too
         path, label, p = LINE.match(line).groups()
-        assert 0.1 <= float(p) <= 1
+        assert 0 < float(p) <= 1
         got[path] = int(label)
-    assert got == expected
+    assert got.keys() == expected.keys()
+    agree = sum(got[p] == expected[p] for p in expected) / len(expected)
+    # The network scores 96-98% on the test set; re-centred and re-scaled PNGs cost a little.
+    assert agree >= 0.9, agree
+    assert got[paths[-2]] == 1 and got[paths[-1]] == 0
 
 
 def test_predict_defaults_to_the_newest_run(trained, tmp_path, monkeypatch, capsys):
