@@ -42,21 +42,14 @@ def load_net(path: str | Path) -> Net:
 
 @dataclass
 class Score:
-    """One pass over a loader: mean loss, and every image's prediction and label in the loader's order."""
+    """One pass over a loader: mean loss, counts, and every image's prediction and label in loader order."""
     loss: float
+    correct: int
+    total: int
     pred: torch.Tensor
     true: torch.Tensor
 
-    @property
-    def correct(self) -> int:
-        return int((self.pred == self.true).sum())
-
-    @property
-    def total(self) -> int:
-        return len(self.true)
-
-    def confusion(self) -> torch.Tensor:
-        """10x10 counts, rows: true digit, columns: predicted."""
+    def confusion(self) -> torch.Tensor:  # 10x10 counts, rows: true digit, columns: predicted
         return torch.bincount(self.true * 10 + self.pred, minlength=100).view(10, 10)
 
 
@@ -76,8 +69,8 @@ def score(model, loader, accelerator: Accelerator) -> Score:
         loss_sum += losses.sum().item()
         preds.append(pred.cpu())
         trues.append(true.cpu())
-    true = torch.cat(trues)
-    return Score(loss_sum / len(true), torch.cat(preds), true)
+    pred, true = torch.cat(preds), torch.cat(trues)
+    return Score(loss_sum / len(true), int((pred == true).sum()), len(true), pred, true)
 
 
 def summarize(confusion: torch.Tensor) -> dict:

@@ -116,11 +116,7 @@ class Parts:
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the run stopped after a step and saved a checkpoint."""
-
-    def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(signum, checkpoint)
-        self.signum, self.checkpoint = signum, checkpoint
+    """SIGINT/SIGTERM arrived; the run stopped after a step and saved a checkpoint. Args: (signum, folder)."""
 
 
 class StopSignals:
@@ -150,7 +146,7 @@ def tensorboard(accelerator: Accelerator):
     return found[0].tracker if found else None
 
 
-def hparams(info: dict) -> dict:
+def hparams(info: dict) -> dict:  # what trackers take as settings
     return {k: v for k, v in info.items() if isinstance(v, (bool, int, float, str))}
 
 
@@ -447,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"mnist_dist: error: {err}")
         code = 2
     except Interrupted as stop:
-        say(f"mnist_dist: stopped by {signal.Signals(stop.signum).name}; saved {stop.checkpoint}. "
-            f"Continue with the same command plus --resume {stop.checkpoint}")
-        code = 128 + stop.signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
+        signum, saved = stop.args
+        say(f"mnist_dist: stopped by {signal.Signals(signum).name}; saved {saved}. "
+            f"Continue with the same command plus --resume {saved}")
+        code = 128 + signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     except (torch.distributed.DistError, RuntimeError) as err:
         if not (isinstance(err, torch.distributed.DistError) or "gloo" in str(err)):
             raise  # a bug: its traceback is the report

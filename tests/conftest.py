@@ -32,7 +32,7 @@ def launch_cmd(args: list[str], processes: int = 1) -> tuple[list[str], dict]:
     """(command, environment) of `accelerate launch -m mnist_dist.train ARGS`: the project config for
     one process, gloo CPU processes (as launch/cpu_multi.sh) for several."""
     if processes == 1:
-        return [ACCELERATE, "launch", "--config_file", "accelerate_config.yaml", "-m", "mnist_dist.train", *args], {}
+        return [ACCELERATE, "launch", "-q", "--config_file", "accelerate_config.yaml", "-m", "mnist_dist.train", *args], {}
     return ([ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0",
              "-m", "mnist_dist.train", *args], {"ACCELERATE_USE_CPU": "1"})
 

@@ -7,13 +7,13 @@ from mnist_dist.bench import ELSEWHERE, summarize, write_report
 def run(stop_epoch: int, reached: bool, wall: float, images_per_s: float) -> dict:
     epochs = [{"train_images": 60000, "train_seconds": 60000 / images_per_s, "seconds": 10.0}] * stop_epoch
     return {"stop_epoch": stop_epoch, "reached_target": reached, "wall_seconds": wall, "final_val_acc": 99.4,
-            "epochs": epochs}
+            "launch_seconds": wall + 5, "epochs": epochs}
 
 
 def test_summarize_takes_medians_and_counts_only_runs_that_reached():
     s = summarize([run(5, True, 60.0, 5000), run(6, True, 70.0, 6000), run(19, False, 300.0, 7000)])
     assert (s["runs"], s["reached"]) == (3, 2)
-    assert (s["stop_epoch"], s["max_stop_epoch"], s["time_to_target"]) == (5.5, 6, 65.0)
+    assert (s["stop_epoch"], s["max_stop_epoch"], s["time_to_target"], s["launch_to_exit"]) == (5.5, 6, 65.0, 70.0)
     assert s["images_per_s"] == 7000  # median over all 30 epochs: 5 at 5,000, 6 at 6,000, 19 at 7,000
 
 

@@ -1,5 +1,6 @@
 """The training program run as a user runs it, on a slice of real MNIST."""
 import fcntl
+import json
 import math
 import os
 import pty
@@ -13,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mnist_dist.train import reached
 
-from conftest import REPO, count_correct, launch, read_metrics
+from conftest import ACCELERATE, REPO, count_correct, launch, read_metrics
 
 METRIC_KEYS = {"params", "target_acc", "reached_target", "stop_epoch", "world_size", "mixed_precision",
                "wall_seconds", "final_val_acc", "epochs"}
@@ -136,3 +137,24 @@ def test_acceptance_default_recipe_reaches_target_on_real_mnist(tmp_path, mnist_
     m = read_metrics(out)
     assert m["reached_target"] and m["final_val_acc"] >= 99.41
     assert m["stop_epoch"] < 20 and m["epochs"][-1]["val_total"] == 10000
+
+
+CORES = len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("launcher, env, expected", [
+    ([], {}, CORES),  # no accelerate config: the launcher would say OMP_NUM_THREADS=1
+    ([], {"OMP_NUM_THREADS": "1"}, 1),  # the user's choice, exported before the launch
+    (["--num_cpu_threads_per_process", "1"], {}, 1),  # the user's choice, on the launcher's command line
+    (["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"], {"ACCELERATE_USE_CPU": "1"}, max(1, CORES // 2)),
+])
+def test_every_core_is_used_unless_the_user_chose_the_threads(tmp_path, mnist_root, launcher, env, expected):
+    out = tmp_path / "run"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ACCELERATE_USE_CPU")}
+    result = subprocess.run([ACCELERATE, "launch", "-q", *launcher, "-m", "mnist_dist.train", "--epochs", "1",
+                             "--train-limit", "128", "--test-limit", "100", "--data-dir", str(mnist_root),
+                             "--output-dir", str(out)], cwd=REPO, env={**clean, **env}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["threads"] == expected
+    assert f"{expected} thread(s) each" in result.stdout
