@@ -32,8 +32,8 @@ from tqdm import tqdm
 from mnist_dist import checkpoint
 from mnist_dist.checkpoint import TRAJECTORY, Progress
 from mnist_dist.data import load_tensors, make_loaders, prepare_mnist
-from mnist_dist.distributed import (check_launch, die_with_launcher, join_restarted_group, on_main, raise_together,
-                                    set_threads, use_cpu)
+from mnist_dist.distributed import (LAUNCHED, check_launch, die_with_launcher, join_restarted_group, on_main,
+                                    raise_together, set_threads, use_cpu)
 from mnist_dist.evaluate import Score, score
 from mnist_dist.model import Net, count_params, summary_table, sync_batchnorm, to_channels_last
 from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
@@ -158,7 +158,7 @@ def run_name(s: Settings, restarted: bool) -> str:
     if s.resume not in ("", "latest"):
         return str(Path(s.resume).resolve().parent.parent)  # RUN/checkpoints/epoch_NNNN -> RUN
     launcher = psutil.Process()
-    if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+    if LAUNCHED & os.environ.keys():
         launcher = launcher.parent()
     return f"runs/{datetime.fromtimestamp(launcher.create_time()):%Y%m%d-%H%M%S}-{launcher.pid}"
 

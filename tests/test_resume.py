@@ -76,7 +76,7 @@ def test_a_resume_that_would_change_the_trajectory_is_refused_before_anything_is
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, mnist_root):
     out = tmp_path / "run"
-    flags = ["--train-limit", "12000", "--test-limit", "1000", "--epochs", "2", "--target-acc", "100",
+    flags = ["--train-limit", "6000", "--test-limit", "1000", "--epochs", "2", "--target-acc", "100",
              "--data-dir", str(mnist_root), "--output-dir", str(out)]
     job = start([sys.executable, "-m", "mnist_dist.train", *flags])
     job.send_signal(signal.SIGTERM)
@@ -91,5 +91,5 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, mni
     m = read_metrics(out)
     # One continuous history: both epochs, the first one counting every image once.
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
-    assert [e["train_images"] for e in m["epochs"]] == [12000, 12000]
+    assert [e["train_images"] for e in m["epochs"]] == [6000, 6000]
     assert m["epochs"][1]["train_loss"] < m["epochs"][0]["train_loss"]
