@@ -65,10 +65,6 @@ def main(argv: list[str] | None = None) -> None:
     print(out)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def confusion_figure(confusion) -> plt.Figure:
     """The 10x10 confusion matrix (rows: true digit, columns: predicted) with counts in the cells."""
     confusion = np.asarray(confusion)
@@ -105,3 +101,7 @@ def mistakes_figure(images, true, pred, limit: int = 48) -> plt.Figure:
     ax.set_title(f"Misclassified test digits (first {n}), true -> predicted", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+if __name__ == "__main__":
+    sys.exit(main())

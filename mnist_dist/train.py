@@ -142,8 +142,8 @@ def others(accelerator: Accelerator) -> list:
 
 def tensorboard(accelerator: Accelerator):
     """On the main process, TensorBoard's SummaryWriter if the run reports to it; else None."""
-    found = [t for t in accelerator.trackers if t.name == "tensorboard"] if accelerator.is_main_process else []
-    return found[0].tracker if found else None
+    found = accelerator.trackers if accelerator.is_main_process else []
+    return next((t.tracker for t in found if t.name == "tensorboard"), None)
 
 
 def hparams(info: dict) -> dict:  # what trackers take as settings

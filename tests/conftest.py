@@ -14,6 +14,12 @@ from mnist_dist.model import Net
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test files run at a time (pytest-xdist), so each program started here gets one thread, as
+    # OMP_NUM_THREADS gives it to a user who shares a machine: by default a trainer takes every core,
+    # and two of them spinning on the same cores run several times slower. The default is tested in
+    # test_train.py, with a clean environment.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -35,14 +35,6 @@ def test_output_folder_that_cannot_be_written(tmp_path, mnist_root):
     assert result.returncode == 2 and "cannot write the run folder" in result.stderr
 
 
-def test_resume_from_something_that_is_not_a_checkpoint(tmp_path, mnist_root):
-    (tmp_path / "junk").mkdir()
-    result = train("--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r"), "--resume", str(tmp_path / "junk"))
-    assert result.returncode == 2 and "is not an mnist_dist checkpoint" in result.stderr
-    result = train("--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r2"), "--resume")
-    assert result.returncode == 2 and "found no checkpoint" in result.stderr
-
-
 def test_a_loss_diverging_in_epoch_1_stops_at_once_and_names_no_checkpoint(tmp_path, mnist_root):
     out = tmp_path / "r"
     result = train("--lr", "1e6", "--epochs", "3", "--train-limit", "3000", "--test-limit", "200",
@@ -68,14 +60,17 @@ def test_a_loss_diverging_after_epoch_1_keeps_that_checkpoint_which_loads(tmp_pa
     assert again.returncode == 2 and "diverged at epoch 2" in again.stderr
 
 
-def test_a_bad_resume_path_writes_nothing_into_an_existing_run_folder(tmp_path, mnist_root):
+def test_a_bad_resume_path_is_refused_and_writes_nothing_into_an_existing_run_folder(tmp_path, mnist_root):
     out = tmp_path / "r"
     assert train("--epochs", "1", "--train-limit", "256", "--test-limit", "100", "--data-dir", str(mnist_root),
                  "--output-dir", str(out)).returncode == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    result = train("--data-dir", str(mnist_root), "--output-dir", str(out), "--resume", str(tmp_path / "nowhere"))
+    (tmp_path / "junk").mkdir()  # a folder, but no checkpoint
+    result = train("--data-dir", str(mnist_root), "--output-dir", str(out), "--resume", str(tmp_path / "junk"))
     assert result.returncode == 2 and "is not an mnist_dist checkpoint" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    result = train("--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r2"), "--resume")
+    assert result.returncode == 2 and "found no checkpoint" in result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")

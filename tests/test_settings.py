@@ -30,8 +30,15 @@ def test_flags_reach_the_settings_in_either_spelling():
     (["--epoch", "3x"], "--epoch"),
     (["--no-such-flag"], "--no-such-flag"),
 ])
-def test_invalid_command_line_exits_with_a_message_not_a_traceback(args, says):
-    result = run([sys.executable, "-m", "mnist_dist.train", *args], timeout=60)
+def test_an_invalid_command_line_is_argparses_usage_error(args, says, capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_args(args)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "error:" in err
+
+
+def test_the_program_exits_on_an_invalid_value_with_a_message_not_a_traceback():
+    result = run([sys.executable, "-m", "mnist_dist.train", "--epochs", "0"], timeout=60)
     assert result.returncode == 2
-    assert says in result.stderr and "error:" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "--epochs must be at least 1" in result.stderr and "Traceback" not in result.stderr

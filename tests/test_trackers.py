@@ -2,6 +2,7 @@
 import json
 
 import mlflow
+import pytest
 import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
@@ -10,16 +11,24 @@ from safetensors.torch import load_file
 from conftest import launch, read_metrics
 
 FLAGS = ["--epochs", "2", "--schedule-epochs", "1", "--train-limit", "640", "--test-limit", "200",
-         "--target-acc", "100"]
+         "--target-acc", "100", "--lr", "0.02", "--seed", "7"]
 
 
-def test_report_to_mlflow_gets_what_tensorboard_gets_offline_in_the_run_folder(tmp_path, mnist_root, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run folder's own store
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's reader: MLflow 3 asks
-    out = tmp_path / "run"
-    result = launch([*FLAGS, "--data-dir", str(mnist_root), "--output-dir", str(out),
-                     "--report-to", "mlflow,tensorboard"])
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory, mnist_root):
+    """A run reporting to MLflow and TensorBoard, with settings other than the defaults."""
+    out = tmp_path_factory.mktemp("trackers") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the run folder's own store
+        result = launch([*FLAGS, "--data-dir", str(mnist_root), "--output-dir", str(out),
+                         "--report-to", "mlflow,tensorboard"])
     assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_report_to_mlflow_gets_what_tensorboard_gets_offline_in_the_run_folder(reported, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # for this process's reader: MLflow 3 asks
+    out = reported
     m = read_metrics(out)
     client = mlflow.MlflowClient((out / "mlruns").as_uri())
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -27,7 +36,7 @@ def test_report_to_mlflow_gets_what_tensorboard_gets_offline_in_the_run_folder(t
     history = client.get_metric_history(run.info.run_id, "val/acc")
     assert [(h.step, h.value) for h in history] == [(e["epoch"], e["val_acc"]) for e in m["epochs"]]
     assert [h.step for h in client.get_metric_history(run.info.run_id, "step/loss")] == [10, 20]  # every 10 steps
-    assert run.data.params["lr"] == "0.015" and run.data.params["report_to"] == "mlflow,tensorboard"
+    assert run.data.params["lr"] == "0.02" and run.data.params["report_to"] == "mlflow,tensorboard"
     assert run.data.metrics["hparam/final_val_acc"] == m["final_val_acc"]
     assert list(out.glob("tensorboard/events.out.tfevents.*"))  # TensorBoard as before
 
@@ -43,14 +52,15 @@ def test_a_tracker_that_is_not_installed_stops_the_run_before_anything_is_writte
     assert not out.exists()
 
 
-def test_a_run_replayed_from_its_config_json_gives_bit_identical_weights(tmp_path, mnist_root):
-    first, replay = tmp_path / "first", tmp_path / "replay"
-    assert launch([*FLAGS, "--lr", "0.02", "--seed", "7", "--data-dir", str(mnist_root),
-                   "--output-dir", str(first)]).returncode == 0
+def test_a_run_replayed_from_its_config_json_gives_bit_identical_weights(reported, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, replay = reported, tmp_path / "replay"
+    # The replay reports where the first run did, MLflow included, into its own folder.
     result = launch(["--config", str(first / "config.json"), "--output-dir", str(replay)])
     assert result.returncode == 0, result.stderr
     assert "--config ignores" in result.stderr  # world size, versions...: they describe the old run
     config = json.loads((replay / "config.json").read_text())
     assert (config["lr"], config["seed"], config["train_limit"]) == (0.02, 7, 640)
+    assert (replay / "mlruns").is_dir()
     a, b = load_file(first / "model.safetensors"), load_file(replay / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -129,16 +129,6 @@ def test_a_terminal_gets_a_progress_bar_with_throughput(tmp_path, mnist_root):
     assert "epoch  1/1" in text  # the plain line is printed as well
 
 
-@pytest.mark.slow
-def test_acceptance_default_recipe_reaches_target_on_real_mnist(tmp_path, mnist_root):
-    out = tmp_path / "run"
-    result = launch(["--data-dir", str(mnist_root), "--output-dir", str(out)], timeout=1800)
-    assert result.returncode == 0, result.stderr
-    m = read_metrics(out)
-    assert m["reached_target"] and m["final_val_acc"] >= 99.41
-    assert m["stop_epoch"] < 20 and m["epochs"][-1]["val_total"] == 10000
-
-
 CORES = len(os.sched_getaffinity(0))
 
 
