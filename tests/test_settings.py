@@ -31,9 +31,9 @@ def test_flags_reach_the_settings_in_either_spelling():
     (["--no-such-flag"], "--no-such-flag"),
 ])
 def test_an_invalid_command_line_is_argparses_usage_error(args, says, capsys):
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as stopped:
         parse_args(args)
-    assert exit.value.code == 2
+    assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "error:" in err
 
