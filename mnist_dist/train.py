@@ -150,7 +150,7 @@ def hparams(info: dict) -> dict:  # what trackers take as settings
     return {k: v for k, v in info.items() if isinstance(v, (bool, int, float, str))}
 
 
-def run_name(s: Settings, restarted: bool) -> str:
+def run_name(s: Settings) -> str:
     """The run folder (main process's choice): --output-dir, the folder of --resume PATH, or a new
     runs/<launch time>-<launcher pid>, which a group restarted by its launcher finds again."""
     if s.output_dir:
@@ -188,7 +188,7 @@ def start_run(s: Settings) -> Run:
     join_restarted_group(cpu, timedelta(seconds=s.timeout))
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=s.timeout))
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # a group torchrun restarted
-    out = Path(broadcast_object_list([run_name(s, restarted)])[0])
+    out = Path(broadcast_object_list([run_name(s)])[0])
     log_with = trackers(s.report_to)
     if "mlflow" in log_with:  # Accelerate gives MLflow no folder: its store goes into the run folder
         os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
