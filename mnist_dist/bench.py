@@ -3,17 +3,16 @@
     python -m mnist_dist.bench                # 10 seeds of the package, 3 of the baseline
     python -m mnist_dist.bench --seeds 3 --baseline-runs 1 --markdown /tmp/b.md
 
-The package runs as its users run it: `accelerate launch -q -m mnist_dist.train`
-with no accelerate config, as on a fresh machine. The baseline is the seed-style
-recipe as the seed ran it, a plain `python` process. Runs alternate (baseline
-seed 1, package seed 1, baseline seed 2, ...) so that a noisy machine slows both
-alike; each is timed from launch to exit. Figures are medians over runs. Writes a
-markdown table and a plot of test accuracy against wall-clock seconds.
+The package runs as users run it, `accelerate launch -q -m mnist_dist.train` with no accelerate config;
+the seed-style baseline as the seed ran it, in a plain `python` process. Runs alternate (baseline seed 1,
+package seed 1, baseline seed 2, ...) so that a noisy machine slows both alike. Writes medians over runs
+as a markdown table, every run, and a plot of test accuracy against wall-clock seconds.
 """
 import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -34,8 +33,7 @@ BASELINE = ["--loader", "torchvision", "--batch-size", "128", "--lr", "0.01", "-
 FAST: list[str] = []  # the package defaults
 LAUNCH = {"baseline": [sys.executable, "-m", "mnist_dist.train"],
           "fast": [str(Path(sys.executable).with_name("accelerate")), "launch", "-q", "-m", "mnist_dist.train"]}
-# Figures from other machines (a GPU) are added to the markdown by hand under this
-# heading; a new benchmark run keeps them.
+# Figures from other machines (a GPU), added to the markdown by hand under this heading, are kept.
 ELSEWHERE = "## Measured elsewhere"
 
 
@@ -50,37 +48,32 @@ def run_once(args: list[str], seed: int, data_dir: str, workdir: Path, name: str
 
 
 def summarize(runs: list[dict]) -> dict:
+    """Medians over runs; stop epochs and times over the runs that reached the target (nan if none did)."""
     epochs = [e for m in runs for e in m["epochs"]]
     hits = [m for m in runs if m["reached_target"]]
-    return {
-        "runs": len(runs),
-        "reached": len(hits),
-        "images_per_s": statistics.median(e["train_images"] / e["train_seconds"] for e in epochs),
-        "s_per_epoch": statistics.median(e["seconds"] for e in epochs),
-        "stop_epoch": statistics.median(m["stop_epoch"] for m in hits) if hits else float("nan"),
-        "max_stop_epoch": max((m["stop_epoch"] for m in hits), default=float("nan")),
-        "time_to_target": statistics.median(m["wall_seconds"] for m in hits) if hits else float("nan"),
-        "launch_to_exit": statistics.median(m["launch_seconds"] for m in hits) if hits else float("nan"),
-        "final_acc": statistics.median(m["final_val_acc"] for m in runs),
-    }
+
+    def median(key: str, over: list[dict] = hits) -> float:
+        return statistics.median(m[key] for m in over) if over else float("nan")
+    return {"runs": len(runs), "reached": len(hits),
+            "images_per_s": statistics.median(e["train_images"] / e["train_seconds"] for e in epochs),
+            "s_per_epoch": median("seconds", epochs), "stop_epoch": median("stop_epoch"),
+            "max_stop_epoch": max((m["stop_epoch"] for m in hits), default=float("nan")),
+            "time_to_target": median("wall_seconds"), "launch_to_exit": median("launch_seconds"),
+            "final_acc": median("final_val_acc", runs)}
 
 
 def machine() -> str:
     """The CPU model, whether it has AMX (which makes bf16 pay on the CPU), the cores and torch."""
-    cpu, amx = platform.processor() or platform.machine(), False
-    try:
-        info = open("/proc/cpuinfo").read()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-        amx = "amx_bf16" in info
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu} ({'with' if amx else 'no'} AMX), {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}"
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
+    return (f"{cpu[1] if cpu else platform.machine()} ({'with' if 'amx_bf16' in info else 'no'} AMX), "
+            f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}")
 
 
 def report(results: dict[str, list[dict]], args) -> str:
     s = {name: summarize(runs) for name, runs in results.items()}
     b, f = s["baseline"], s["fast"]
-    rows = [
+    rows = [  # label, format, key of the ratio
         ("runs that reached the target", lambda x: f"{x['reached']}/{x['runs']}", None),
         ("train images/s (median over epochs)", lambda x: f"{x['images_per_s']:,.0f}", "images_per_s"),
         ("seconds per epoch, with evaluation", lambda x: f"{x['s_per_epoch']:.1f}", "s_per_epoch"),
@@ -89,12 +82,10 @@ def report(results: dict[str, list[dict]], args) -> str:
         ("seconds from launch to exit", lambda x: f"{x['launch_to_exit']:.1f}", "launch_to_exit"),
         ("final test accuracy (median, %)", lambda x: f"{x['final_acc']:.2f}", None),
     ]
-    lines = [
-        "| measure | baseline (seed-style, `python`) | package (`accelerate launch`, no config) | package / baseline |",
-        "| --- | ---: | ---: | ---: |",
-    ]
+    lines = ["| measure | baseline (seed-style, `python`) | package (`accelerate launch`, no config) | package / baseline |",
+             "| --- | ---: | ---: | ---: |"]
     for label, fmt, key in rows:
-        ratio = f"{f[key] / b[key]:.2f}x" if key and b[key] == b[key] and f[key] == f[key] else ""
+        ratio = f"{f[key] / b[key]:.2f}x" if key and b[key] == b[key] and f[key] == f[key] else ""  # x == x: not nan
         lines.append(f"| {label} | {fmt(b)} | {fmt(f)} | {ratio} |")
     per_run = ["| path | seed | stop epoch | reached | test acc (%) | seconds to stop | launch to exit |",
                "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]

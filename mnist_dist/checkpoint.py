@@ -1,11 +1,9 @@
 """Checkpoints: Accelerate's `save_state`, made atomic, with the loop's progress inside.
 
-A checkpoint is `RUN/checkpoints/epoch_0003` (or `epoch_0003_step_00042` when a
-signal stopped the run 42 steps into epoch 4). It is written as `.partial-...`
-and renamed once complete, so a kill or a full disk during a save leaves the
-previous one intact. Model, optimizer, schedule, sampler and per-rank RNG states
-are Accelerate's files; the loop's `Progress` is registered with Accelerate and
-saved with them (`custom_checkpoint_0.pkl`).
+`RUN/checkpoints/epoch_0003`, or `epoch_0003_step_00042` when a signal stopped the run 42 steps into
+epoch 4, is written as `.partial-...` and renamed once complete: a kill or a full disk during a save
+leaves the previous one intact. The loop's `Progress` is registered with Accelerate and saved with the
+model, optimizer, schedule, sampler and per-rank RNG states (as `custom_checkpoint_0.pkl`).
 """
 import dataclasses
 import shutil
@@ -13,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 
-from mnist_dist.distributed import agree, on_main, raise_together
+from mnist_dist.distributed import agree, together
 from mnist_dist.settings import RunError
 
 PROGRESS = "custom_checkpoint_0.pkl"  # where Accelerate saves the first registered object
@@ -52,7 +50,7 @@ def save(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int)
     name = f"epoch_{progress.epoch:04d}" + (f"_step_{progress.batches_done:05d}" if progress.batches_done else "")
     folder, partial = run_dir / "checkpoints" / name, run_dir / "checkpoints" / f".partial-{name}"
     last = newest(run_dir)
-    on_main(accelerator.state, _clear_partials, run_dir)  # a save killed earlier leaves one
+    together(_clear_partials, run_dir, main_only=True)  # a save killed earlier leaves one
     error = None
     try:
         accelerator.save_state(str(partial))  # each rank writes its RNG state, the main one the rest
@@ -61,11 +59,11 @@ def save(accelerator: Accelerator, run_dir: Path, progress: Progress, keep: int)
         error = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}; {free:,} KiB left on that disk"
     error = agree(error)
     if error:
-        on_main(accelerator.state, _clear_partials, run_dir)
+        together(_clear_partials, run_dir, main_only=True)
         raise RunError(f"cannot write the checkpoint '{folder}' ({error}). "
                        + (f"The last complete checkpoint is '{last}': once there is room, continue with "
                           f"--resume {last}." if last else "No earlier checkpoint exists."))
-    on_main(accelerator.state, _publish, partial, folder, keep)
+    together(_publish, partial, folder, keep, main_only=True)
     return folder
 
 
@@ -81,8 +79,9 @@ def _publish(partial: Path, folder: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def find(resume: str, run_dir: Path) -> Path:
-    """The checkpoint folder `--resume` means: 'latest' in `run_dir`, or a given path."""
+def find(resume: str, run_dir: Path, trajectory: dict) -> Path:
+    """The checkpoint folder `--resume` means ('latest' in `run_dir`, or a path), refused if this rank cannot
+    read it or another trajectory wrote it. Reads only: nothing is written before the resume is known sound."""
     folder = newest(run_dir) if resume == "latest" else Path(resume)
     if folder is None:
         raise RunError(f"--resume found no checkpoint in '{run_dir}/checkpoints'; pass the run folder "
@@ -90,33 +89,25 @@ def find(resume: str, run_dir: Path) -> Path:
     if not (folder / PROGRESS).is_file():
         raise RunError(f"'{folder}' is not an mnist_dist checkpoint (no {PROGRESS}); checkpoints are "
                        "the folders RUN/checkpoints/epoch_NNNN.")
-    return folder
-
-
-def check(folder: Path, trajectory: dict, rank: int) -> None:
-    """Refuse, on every rank, a checkpoint this rank cannot read or that another trajectory wrote.
-    Reads only: nothing is written before the resume is known to be sound."""
-    error = None
     try:
         saved = torch.load(folder / PROGRESS, weights_only=True)["trajectory"]
         changed = [f"{k.replace('_', '-')} (saved {saved.get(k)!r}, given {v!r})"
                    for k, v in trajectory.items() if saved.get(k) != v]
-        if changed:
-            error = (f"cannot resume '{folder}' with other settings: {', '.join(changed)}. Use the run's "
-                     "settings (world-size is the number of processes), or start a new run.")
-        elif not (folder / f"random_states_{rank}.pkl").is_file():
-            error = f"cannot resume '{folder}': process {rank} finds no random_states_{rank}.pkl there."
     except Exception as err:  # unreadable, truncated, not ours
-        error = f"cannot read the checkpoint '{folder}' ({type(err).__name__}: {err})."
-    raise_together(error)
+        raise RunError(f"cannot read the checkpoint '{folder}' ({type(err).__name__}: {err}).") from None
+    if changed:
+        raise RunError(f"cannot resume '{folder}' with other settings: {', '.join(changed)}. Use the run's "
+                       "settings (world-size is the number of processes), or start a new run.")
+    rank = PartialState().process_index
+    if not (folder / f"random_states_{rank}.pkl").is_file():
+        raise RunError(f"cannot resume '{folder}': process {rank} finds no random_states_{rank}.pkl there.")
+    return folder
 
 
 def load(accelerator: Accelerator, folder: Path) -> None:
-    """Restore the training state saved in `folder` (and the registered Progress) on every rank."""
-    error = None
+    """Restore the training state saved in `folder`, the registered Progress included. Accelerate's loaders
+    read the weights from safetensors and the rest with torch.load(weights_only=True)."""
     try:
-        # Accelerate's own loaders: weights from safetensors, other state via torch.load(weights_only=True)
         accelerator.load_state(str(folder))
     except Exception as err:
-        error = f"cannot load the checkpoint '{folder}' ({type(err).__name__}: {err})."
-    raise_together(error)
+        raise RunError(f"cannot load the checkpoint '{folder}' ({type(err).__name__}: {err}).") from None

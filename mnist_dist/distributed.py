@@ -1,9 +1,7 @@
-"""What the processes of a job, and their launcher, must agree on.
-
-The device and thread count each process takes, the refusal of launches that
-would train the wrong thing, and errors: a problem found on any rank reaches
-every rank (`agree`), so that all of them stop together with one message
-instead of leaving the others in their next collective until the timeout.
+"""What the processes of a job, and their launcher, must agree on: the device and threads each
+process takes, the refusal of launches that would train the wrong thing, and errors. A problem
+found on any rank reaches every rank (`together`), so all stop at once with one message instead
+of leaving the others in their next collective until the timeout.
 """
 import ctypes
 import os
@@ -21,9 +19,8 @@ LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
 
 
 def use_cpu(cuda_available: bool, env=os.environ) -> bool:
-    """The CPU when asked for (`accelerate launch --cpu`, `use_cpu: true`, ACCELERATE_USE_CPU=1), or when
-    there is no GPU. Asking explicitly matters under a CPU-only torchrun too: without it Accelerate
-    (1.13+) leaves every rank believing it is alone."""
+    """The CPU when asked for (`accelerate launch --cpu`, `use_cpu: true`, ACCELERATE_USE_CPU=1) or without
+    a GPU. Asking matters under a CPU-only torchrun too: else Accelerate (1.13+) has every rank believe it is alone."""
     if "ACCELERATE_USE_CPU" in env:
         return env["ACCELERATE_USE_CPU"].lower() in ("1", "true", "yes", "on")
     return not cuda_available
@@ -32,10 +29,9 @@ def use_cpu(cuda_available: bool, env=os.environ) -> bool:
 def user_chose_threads() -> bool:
     """Whether the thread count was the user's choice rather than the launcher's default.
 
-    `accelerate launch` sets OMP_NUM_THREADS for the trainer whatever happens: 1 with no config on a
-    CPU-only machine, and torchrun sets 1 for several processes. The user's choice shows in the
-    launcher's own environment (OMP_NUM_THREADS exported before the launch) or command line
-    (--num_cpu_threads_per_process); run without a launcher, our own environment is the user's.
+    `accelerate launch` always sets OMP_NUM_THREADS (1 with no config on a CPU-only machine), and torchrun
+    sets 1 for several processes. The user's choice shows in the launcher's environment or its command line
+    (--num_cpu_threads_per_process); without a launcher, our own environment is the user's.
     """
     if "OMP_NUM_THREADS" not in os.environ or not LAUNCHED & os.environ.keys():
         return "OMP_NUM_THREADS" in os.environ
@@ -56,17 +52,13 @@ def set_threads() -> int:
 
 
 def die_with_launcher() -> None:
-    """Ask Linux to send SIGTERM to this process when its launcher dies.
-
-    The one-process `accelerate launch` does not forward signals: killed, it would leave the trainer
-    running on as an orphan. With this, the trainer gets the SIGTERM, saves a checkpoint and exits.
-    Only under a launcher: run straight from a shell (`nohup python -m ...`), the job outlives it.
-    """
+    """Have Linux send this process SIGTERM when its launcher dies: the one-process `accelerate launch`
+    forwards no signals, so killed it would leave the trainer running as an orphan. With this, the trainer
+    saves a checkpoint and exits. Only under a launcher: `nohup python -m ...` outlives its shell."""
     if not LAUNCHED & os.environ.keys():
         return
     try:
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux/glibc
         return
     if os.getppid() == 1:  # the launcher was already gone before we asked
@@ -76,9 +68,9 @@ def die_with_launcher() -> None:
 def join_restarted_group(cpu: bool, timeout) -> None:
     """Start the process group of a group that torchrun restarted (--max_restarts) under its own key prefix.
 
-    The agent's store outlives the attempt before, and holds its keys: without a prefix a rank can read
-    a dead peer's address and fail to connect (gloo's "connectFullMesh failed"; pytorch/pytorch#135712
-    is the same race for NCCL). Accelerate then finds the group started and keeps it.
+    The agent's store outlives the attempt before and holds its keys: without a prefix a rank can read a dead
+    peer's address and fail to connect (gloo's "connectFullMesh failed"; pytorch/pytorch#135712 is the same
+    race for NCCL). Accelerate then finds the group started and keeps it.
     """
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
@@ -95,38 +87,31 @@ def agree(error: str | None) -> str | None:
     return next((e for e in gather_object([error]) if e), None)
 
 
-def raise_together(error: str | None) -> None:
-    """Raise RunError on every rank if any rank found an error. Every rank must call it."""
-    error = agree(error)
-    if error:
-        raise RunError(error)
-
-
-def on_main(state: PartialState, fn, *args):
-    """Run `fn(*args)` on the main process only; a failure there (a full disk, say) stops every rank."""
-    error = None
-    if state.is_main_process:
+def together(fn, *args, main_only: bool = False):
+    """`fn(*args)` on every rank (or the main process only); its result. A RunError or OSError on any rank
+    is raised as one RunError on all of them (a full disk, say). Every rank must call it."""
+    result, error = None, None
+    if not main_only or PartialState().is_main_process:
         try:
-            fn(*args)
+            result = fn(*args)
         except OSError as err:
             error = f"cannot write '{err.filename or ''}' ({err.strerror or err})"
         except RunError as err:
             error = str(err)
-    raise_together(error)
+    error = agree(error)
+    if error:
+        raise RunError(error)
+    return result
 
 
 def check_launch(state: PartialState, mixed_precision: str) -> None:
     """Refuse the launch modes that would silently train the wrong thing."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and state.num_processes == 1:
-        raise RunError(
-            f"{launched} processes were launched but Accelerate sees a single process, so every one "
-            "would train on all the data and write the same files. On a machine without GPUs use "
-            "'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
-            "(with torchrun, set ACCELERATE_USE_CPU=1)."
-        )
+        raise RunError(f"{launched} processes were launched but Accelerate sees a single process, so every one "
+                       "would train on all the data and write the same files. On a machine without GPUs use "
+                       "'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
+                       "(with torchrun, set ACCELERATE_USE_CPU=1).")
     if mixed_precision == "fp16" and state.device.type == "cpu":
-        raise RunError(
-            "fp16 mixed precision needs a CUDA GPU; on the CPU Accelerate would silently train in fp32. "
-            "Use --mixed_precision bf16 (CPU autocast) or no."
-        )
+        raise RunError("fp16 mixed precision needs a CUDA GPU; on the CPU Accelerate would silently train in "
+                       "fp32. Use --mixed_precision bf16 (CPU autocast) or no.")

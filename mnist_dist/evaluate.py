@@ -3,8 +3,8 @@
     python -m mnist_dist.evaluate runs/20240101-120000            # a run folder or a .safetensors file
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m mnist_dist.evaluate RUN
 
-Any number of processes gives the same numbers: the test set is sharded over
-them and `gather_for_metrics` counts every image exactly once.
+Any number of processes gives the same numbers: the test set is sharded over them and
+`gather_for_metrics` counts every image exactly once.
 """
 import argparse
 import json
@@ -29,13 +29,12 @@ def load_net(path: str | Path) -> Net:
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise RunError(f"no weights at '{file}': pass a run folder holding model.safetensors "
-                       "or a .safetensors file.")
+        raise RunError(f"no weights at '{file}': pass a run folder holding model.safetensors or a .safetensors file.")
     try:
         net = Net()
         net.load_state_dict(load_file(file))
     except Exception as err:  # not safetensors, truncated, unreadable, or another model's weights
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first_line = (str(err).strip().splitlines() or [""])[0]
         raise RunError(f"cannot load weights from '{file}' ({type(err).__name__}: {first_line}).") from None
     return net.eval()
 
@@ -55,11 +54,9 @@ class Score:
 
 @torch.inference_mode()
 def score(model, loader, accelerator: Accelerator) -> Score:
-    """Evaluate over the whole loader; the same Score on every rank, every image counted once.
-
-    The one evaluation routine: training's validation, the final test, this tool. `gather_for_metrics`,
-    called per batch, drops the images that the sharded loader repeated to even out the ranks.
-    """
+    """Evaluate over the whole loader; the same Score on every rank, every image counted once. The one
+    evaluation routine: training's validation, the final test, this tool. `gather_for_metrics`, called
+    per batch, drops the images that the sharded loader repeated to even out the ranks."""
     model.eval()
     loss_sum, preds, trues = 0.0, [], []
     for x, y in loader:
@@ -75,10 +72,9 @@ def score(model, loader, accelerator: Accelerator) -> Score:
 
 def summarize(confusion: torch.Tensor) -> dict:
     """The JSON result: accuracy and per-class accuracy in percent, counts, and the matrix."""
-    per_class_total = confusion.sum(1)
     correct, total = int(confusion.trace()), int(confusion.sum())
     return {"accuracy": 100 * correct / total, "correct": correct, "total": total,
-            "per_class": [100 * int(confusion[c, c]) / max(int(per_class_total[c]), 1) for c in range(10)],
+            "per_class": (100 * confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist(),
             "confusion": confusion.tolist()}
 
 
@@ -92,49 +88,38 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist_dist.evaluate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("weights", help="run folder (its model.safetensors) or a .safetensors file")
     parser.add_argument("--data-dir", default="data", help="MNIST root; filled from the offline copy if empty")
     parser.add_argument("--batch-size", type=int, default=1000, help="test images per step, per process")
     parser.add_argument("--json", help="also write the result to this JSON file")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     accelerator = Accelerator(cpu=use_cpu(torch.cuda.is_available()))
     try:
-        return evaluate(args, accelerator)
-    finally:
-        # Ends the process group: one left for the interpreter's shutdown can abort a rank with
-        # SIGABRT after its work is done ("terminate called without an active exception").
-        accelerator.end_training()
-
-
-def evaluate(args: argparse.Namespace, accelerator: Accelerator) -> int:
-    """Score the weights on the test set and report on the main process; the exit code."""
-    try:
         # Every rank loads (and so fails) alike: no rank is left waiting in a collective.
         net = load_net(args.weights).to(accelerator.device)
         with accelerator.main_process_first():  # one process extracts the files
             root = prepare_mnist(args.data_dir)
+        test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
+        loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
+        result = summarize(score(net, loader, accelerator).confusion())
+        if accelerator.is_main_process:
+            print(report(result))
+            if args.json:
+                Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
     except RunError as err:
         if accelerator.is_main_process:
             print(f"mnist_dist.evaluate: error: {err}", file=sys.stderr)
         return 2
-    test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
-    loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
-    result = summarize(score(net, loader, accelerator).confusion())
-    if accelerator.is_main_process:
-        print(report(result))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    finally:
+        # Ends the process group: one left for the interpreter's shutdown can abort a rank with
+        # SIGABRT after its work is done ("terminate called without an active exception").
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

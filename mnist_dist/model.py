@@ -1,8 +1,13 @@
 """The seed's 9,720-parameter CNN, layer for layer as in its summary table."""
+import contextlib
+import copy
+import io
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 from torch import nn
+from torchsummary import summary
 
 
 def conv_block(c_in: int, c_out: int, dropout: float, padding: int = 1) -> list[nn.Module]:
@@ -38,15 +43,10 @@ class Net(nn.Module):
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
-    """NHWC weights for every conv after the first block, in place; returns `model`.
-
-    The first block stays NCHW on purpose: on the CPU, BatchNorm over 8 channels
-    runs about 3x slower in NHWC than in NCHW (8.4 against 2.7 ms forward and
-    backward at batch 128), more than NHWC saves in that block's conv. The second
-    conv takes NCHW input and gives NHWC output, and the rest of the net stays
-    NHWC. A conv's output follows its weight's layout here because the 1-channel
-    input is both NCHW and NHWC.
-    """
+    """NHWC weights for every conv after the first block, in place; returns `model`. The first block stays
+    NCHW: on the CPU its 8-channel BatchNorm runs 3x slower in NHWC (8.4 against 2.7 ms forward and backward
+    at batch 128), more than NHWC saves in its conv. The second conv takes NCHW and gives NHWC (a conv's
+    output follows its weight's layout), and the rest of the net stays NHWC."""
     for layer in model.layers[4:]:
         layer.to(memory_format=torch.channels_last)
     return model
@@ -57,17 +57,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def summary_table(model: nn.Module) -> str:
-    """torchsummary's layer table for a 1x28x28 input, as text.
-
-    It runs on a copy with the RNG state forked, so printing it changes
-    neither the model's BatchNorm statistics nor the random stream.
-    """
-    import contextlib
-    import copy
-    import io
-
-    from torchsummary import summary
-
+    """torchsummary's layer table for a 1x28x28 input, as text. It runs on a copy with the RNG state
+    forked, so printing it changes neither the model's BatchNorm statistics nor the random stream."""
     out = io.StringIO()
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out):
         summary(copy.deepcopy(model).cpu().float(), (1, 28, 28), device="cpu")
@@ -75,14 +66,9 @@ def summary_table(model: nn.Module) -> str:
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose batch statistics cover the batches of every process.
-
-    The sums are all-reduced with gradients (torch.distributed.nn), so N
-    processes compute what one process computes on the concatenated batch.
-    PyTorch's own nn.SyncBatchNorm runs on GPUs only; this runs wherever
-    torch.distributed does, gloo on CPUs included. Same parameters and buffers
-    as BatchNorm2d, so weights load either way.
-    """
+    """BatchNorm2d over the batches of every process: the sums are all-reduced with gradients
+    (torch.distributed.nn), so N processes compute what one does on the concatenated batch. Unlike
+    nn.SyncBatchNorm (GPUs only) it runs on gloo too. BatchNorm2d's parameters and buffers: weights load either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):

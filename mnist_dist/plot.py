@@ -15,6 +15,8 @@ matplotlib.use("Agg")  # headless: CI and clusters have no display
 import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 
 def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
@@ -79,24 +81,18 @@ def confusion_figure(confusion) -> plt.Figure:
 
 
 def mistakes_figure(images, true, pred, limit: int = 48) -> plt.Figure:
-    """A grid of misclassified digits, each captioned 'true -> predicted'.
-
-    One image of tiles with text captions, not one axes per digit: laying out 48 axes
-    took over a second at the end of every run.
-    """
-    images = np.asarray(images).reshape(-1, 28, 28)[:limit]
-    n, cols, cell = len(images), 8, 34  # 28-pixel digits, 3 pixels of margin each side
-    rows = max(1, -(-n // cols))
-    tiles = np.full((rows * cell, cols * cell), np.nan)  # nan: drawn as the background
-    for k, image in enumerate(images):
-        r, c = divmod(k, cols)
-        tiles[r * cell + 3:r * cell + 31, c * cell + 3:c * cell + 31] = image
-    fig, ax = plt.subplots(figsize=(cols * 1.1, rows * 1.25 + 0.3), dpi=100)
-    ax.imshow(tiles, cmap=matplotlib.colormaps["gray"].with_extremes(bad="white"), interpolation="nearest")
+    """A grid of misclassified digits, each captioned 'true -> predicted'. One image of tiles with text
+    captions, not one axes per digit: laying out 48 axes took over a second at the end of every run."""
+    images = torch.as_tensor(images).float().reshape(-1, 1, 28, 28)[:limit]
+    n, cols, cell = len(images), 8, 34  # 28-pixel digits, 6 pixels apart
+    images = images / images.max() if n else torch.zeros(1, 1, 28, 28)  # ink at 1, as the white margins
+    tiles = make_grid(images, nrow=cols, padding=6, pad_value=1)[0].numpy()
+    fig, ax = plt.subplots(figsize=(cols * 1.1, tiles.shape[0] / cell * 1.25 + 0.3), dpi=100)
+    ax.imshow(tiles, cmap="gray", interpolation="nearest")
     ax.axis("off")
     for k in range(n):
         r, c = divmod(k, cols)
-        ax.text(c * cell + cell / 2, r * cell + 2.5, f"{int(true[k])} -> {int(pred[k])}", ha="center",
+        ax.text(c * cell + 20, r * cell + 5.5, f"{int(true[k])} -> {int(pred[k])}", ha="center",
                 va="bottom", fontsize=8, color="C3")
     ax.set_title(f"Misclassified test digits (first {n}), true -> predicted", fontsize=9)
     fig.tight_layout()

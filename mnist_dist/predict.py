@@ -3,8 +3,7 @@
     python -m mnist_dist.predict --weights runs/20240101-120000 three.png seven.jpg
     python -m mnist_dist.predict digit.png        # weights: the newest runs/*/model.safetensors
 
-Images of any size are first brought to MNIST's form (see `to_mnist`), since
-the network has only ever seen that.
+Images of any size are first brought to MNIST's form (`to_mnist`): the network has only ever seen that.
 """
 import argparse
 import sys
@@ -23,11 +22,8 @@ INK = 0.1  # pixels above this fraction of the strongest stroke count as ink for
 
 
 def to_mnist(image: Image.Image) -> torch.Tensor:
-    """One digit image as a normalised 1x28x28 tensor, prepared as MNIST's own digits were.
-
-    MNIST digits are light ink on black, their bounding box scaled to fit 20x20
-    (aspect ratio kept) and pasted into 28x28 with the centre of mass at the centre.
-    """
+    """One digit image as a normalised 1x28x28 tensor, prepared as MNIST's own digits were: light ink on
+    black, the bounding box scaled to fit 20x20 (aspect kept) and pasted into 28x28, centre of mass at the centre."""
     # Transparent pixels count as white paper; then one grey channel in [0, 1].
     rgba = image.convert("RGBA")
     gray = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("L")
@@ -67,15 +63,11 @@ def newest_run(runs: Path = Path("runs")) -> Path:
     return found[-1].parent
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mnist_dist.predict", description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files, one digit each")
     parser.add_argument("--weights", help="run folder or .safetensors file (default: the newest run under runs/)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         net = load_net(args.weights or newest_run())
     except RunError as err:

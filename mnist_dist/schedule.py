@@ -1,9 +1,7 @@
-"""The learning rate, and Adam's beta1, as one function of the global optimizer step.
-
-A one-cycle (torch's OneCycleLR, to the bit), then, for a run still short of its
-target, warm restarts: each further epoch anneals again from `tail` x the peak
-to zero. Being a function of the step alone, resuming restores one counter,
-and a run extended past its planned epochs follows the same rule.
+"""The learning rate, and Adam's beta1, as one function of the global optimizer step: a one-cycle
+(torch's OneCycleLR, to the bit), then, for a run still short of its target, warm restarts: each
+further epoch anneals again from `tail` x the peak to zero. Resuming restores one counter, and a run
+extended past its planned epochs follows the same rule.
 """
 import math
 
@@ -28,13 +26,10 @@ def one_cycle(step: int, peak: float, cycle_steps: int) -> tuple[float, float]:
 
 
 def learning_rate(step: int, peak: float, cycle_steps: int, steps_per_epoch: int, tail: float) -> tuple[float, float]:
-    """(lr, beta1) for the optimizer step after `step` steps taken.
-
-    Past the cycle, with `tail` > 0, every epoch is a cosine from tail x peak to zero, so that
-    each evaluation sees settled weights; at the cycle's floor (peak/250,000) nothing would change
-    any more. In trials, runs that ended the cycle 0.06 and 0.08 points short reached the target
-    1 and 4 epochs later; on a constant 1% of the peak, 5 and over 15.
-    """
+    """(lr, beta1) for the optimizer step after `step` steps taken. Past the cycle, with `tail` > 0, every
+    epoch is a cosine from tail x peak to zero, so each evaluation sees settled weights; at the cycle's floor
+    (peak/250,000) nothing would change any more. In trials, runs that ended the cycle 0.06 and 0.08 points
+    short reached the target 1 and 4 epochs later; on a constant 1% of the peak, 5 and over 15."""
     if step <= cycle_steps or not tail:
         return one_cycle(min(step, cycle_steps), peak, cycle_steps)
     k = (step - 1 - cycle_steps) % steps_per_epoch

@@ -1,11 +1,6 @@
-"""What to train: one flat dataclass, from which the command line is generated.
-
-Where to run (processes, machines, precision) belongs to `accelerate launch`
-and its config; what to train belongs here. Each field's help gives its unit
-and scope ("per process" or "global").
-
-A run can be replayed from its config.json: `--config runs/X/config.json`,
-where flags on the command line still win, wherever they stand.
+"""What to train: one flat dataclass, from which the command line is generated. Where to run (processes,
+machines, precision) belongs to `accelerate launch` and its config. Each field's help gives its unit and
+scope. A run replays from its config.json (`--config runs/X/config.json`); command-line flags still win.
 """
 import argparse
 import dataclasses
@@ -29,12 +24,9 @@ EXTRAS = ("mlflow", "wandb")
 
 
 def trackers(report_to: str) -> list[str]:
-    """The tracker names for Accelerator(log_with=...) that --report-to asks for.
-
-    Raise RunError for a name Accelerate does not know, or one whose package is
-    missing: Accelerate itself would skip that tracker silently and train anyway.
-    """
-    # Imported here, not above: accelerate pulls in torch, and the names are its own lists.
+    """The tracker names for Accelerator(log_with=...) that --report-to asks for. RunError for a name Accelerate
+    does not know or whose package is missing: Accelerate would skip that tracker silently and train anyway."""
+    # Imported here: accelerate pulls in torch, which `--help` does not need.
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
@@ -101,7 +93,7 @@ class Settings:
 
     def check(self) -> None:
         """Raise RunError naming the first invalid value and what is allowed."""
-        rules = [
+        for ok, message in [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (0 < self.target_acc <= 100, "--target-acc is a percentage in (0, 100]"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
@@ -118,23 +110,17 @@ class Settings:
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (self.timeout >= 1, "--timeout must be at least 1 second"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
-        ]
-        for ok, message in rules:
+        ]:
             if not ok:
                 raise RunError(message)
         trackers(self.report_to)
 
-    def as_flat_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mnist_dist.train",
-        description="Train the seed's 9,720-parameter CNN on MNIST until validation accuracy "
-                    "reaches the target. Launch with 'accelerate launch -m mnist_dist.train'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        prog="mnist_dist.train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train the seed's 9,720-parameter CNN on MNIST until validation accuracy reaches the "
+                    "target. Launch with 'accelerate launch -m mnist_dist.train'.")
     for f in dataclasses.fields(Settings):
         # Both spellings: --target-acc as here, --target_acc as accelerate's own flags.
         flags = dict.fromkeys(["--" + f.name.replace("_", "-"), "--" + f.name])
@@ -165,11 +151,8 @@ def read_config(path: str, parser: argparse.ArgumentParser) -> dict:
     if skipped and os.environ.get("RANK", "0") == "0":  # every process parses; one says it
         print(f"mnist_dist: note: --config ignores {', '.join(skipped)}: they describe the old run, "
               "not what to train", file=sys.stderr)
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
-    values = {}
-    for key, value in data.items():
-        if key in NOT_REPLAYED:
-            continue
+    fields, values = {f.name: f for f in dataclasses.fields(Settings)}, {}
+    for key, value in ((k, v) for k, v in data.items() if k not in NOT_REPLAYED):
         if key not in fields:
             parser.error(f"--config {path}: '{key}' is not a setting")
         f = fields[key]

@@ -4,8 +4,7 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m mnist_dist.train
     accelerate launch --multi_gpu -m mnist_dist.train        # every GPU of this machine
 
-Every option is listed by `python -m mnist_dist.train --help`. `train()` tells the
-story; each stage below it is one step of that story.
+Options: `python -m mnist_dist.train --help`. `train()` tells the story; each stage below is one step of it.
 """
 import ctypes
 import dataclasses
@@ -32,20 +31,19 @@ from tqdm import tqdm
 from mnist_dist import checkpoint
 from mnist_dist.checkpoint import TRAJECTORY, Progress
 from mnist_dist.data import load_tensors, make_loaders, prepare_mnist
-from mnist_dist.distributed import (LAUNCHED, check_launch, die_with_launcher, join_restarted_group, on_main,
-                                    raise_together, set_threads, use_cpu)
+from mnist_dist.distributed import (LAUNCHED, check_launch, die_with_launcher, join_restarted_group, set_threads,
+                                    together, use_cpu)
 from mnist_dist.evaluate import Score, score
 from mnist_dist.model import Net, count_params, summary_table, sync_batchnorm, to_channels_last
 from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
 from mnist_dist.schedule import Schedule
 from mnist_dist.settings import RunError, Settings, parse_args, trackers
 
-# Cross-entropy over 10 classes starts near ln(10) = 2.3 nats; a step above this
-# has diverged, even where the numbers are still finite (Adam keeps them so for a while).
+# Cross-entropy over 10 classes starts near ln(10) = 2.3 nats: a loss above this has diverged,
+# even while Adam keeps the numbers finite.
 DIVERGED = 1e3
-# The ranks compare notes (mean loss for the trackers, divergence, a stop signal) every this
-# many steps and at the end of an epoch. Every step would add a collective, and on a GPU a
-# host sync, to each step of a network this small; 10 steps of a stop request cost ~0.1 s.
+# Steps between the ranks' exchanges of mean loss, divergence and stop signals. Every step would add
+# a collective (and on a GPU a host sync) to each tiny step; 10 steps of a stop request cost ~0.1 s.
 POLL_STEPS = 10
 
 
@@ -60,32 +58,23 @@ def sharding(seed: int) -> DataLoaderConfiguration:
 
 
 def keep_freed_memory() -> None:
-    """Let glibc keep freed tensor memory for the next step instead of returning it to the OS.
-
-    Every step allocates and frees activations of a few MB. By default glibc serves such blocks
-    with mmap or trims the heap once they are freed, so each step page-faults its memory in
-    afresh: a fifth of a CPU step at batch 128 on this net (about 6,000 against 4,800 images/s
-    measured). Blocks under 32 MiB now come from the heap, which keeps up to 1 GiB free.
-    """
+    """Let glibc keep freed memory (blocks under 32 MiB, up to 1 GiB) for the next step. By default each
+    step page-faults its few MB of activations in afresh: a fifth of a CPU step here (4,800 against 6,000 img/s)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD, from glibc's malloc.h
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
 
 
 def write_atomic(path: Path, write, exclusive: bool = False) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename: a kill leaves the old file or none.
-    `exclusive`: fail if `path` exists, so two runs cannot both claim one folder."""
+    `exclusive`: FileExistsError if `path` exists, so two runs cannot both claim one folder."""
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         write(tmp)
-        if exclusive:
-            os.link(tmp, path)  # raises FileExistsError if another run got there first
-        else:
-            os.replace(tmp, path)
+        (os.link if exclusive else os.replace)(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -112,7 +101,6 @@ class Parts:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
     test: torch.utils.data.DataLoader | None  # with --val-split only
-    params: int
 
 
 class Interrupted(Exception):
@@ -121,7 +109,6 @@ class Interrupted(Exception):
 
 class StopSignals:
     """Turns SIGINT/SIGTERM into a request to stop after the current step; polled by every rank."""
-
     def __init__(self):
         self.received: list[int] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -129,21 +116,18 @@ class StopSignals:
 
     def _handler(self, signum, frame):
         self.received.append(signum)
-        # Ctrl-C twice kills at once. A second SIGTERM does not: a scheduler may signal every
-        # process of a job while the launcher forwards its own, and that must not cut the save.
+        # Ctrl-C twice kills at once; a second SIGTERM does not: a scheduler may signal every process
+        # of a job while the launcher forwards its own, and that must not cut the save.
         if signum == signal.SIGINT:
             signal.signal(signum, signal.SIG_DFL)
 
 
-def others(accelerator: Accelerator) -> list:
-    """On the main process, the trackers besides TensorBoard, which is given its text and figures by name."""
-    return [t for t in accelerator.trackers if t.name != "tensorboard"] if accelerator.is_main_process else []
-
-
-def tensorboard(accelerator: Accelerator):
-    """On the main process, TensorBoard's SummaryWriter if the run reports to it; else None."""
+def split_trackers(accelerator: Accelerator) -> tuple:
+    """On the main process, (TensorBoard's SummaryWriter or None, the other trackers); (None, []) elsewhere.
+    TensorBoard is given its text and figures by name."""
     found = accelerator.trackers if accelerator.is_main_process else []
-    return next((t.tracker for t in found if t.name == "tensorboard"), None)
+    tb = next((t.tracker for t in found if t.name == "tensorboard"), None)
+    return tb, [t for t in found if t.name != "tensorboard"]
 
 
 def hparams(info: dict) -> dict:  # what trackers take as settings
@@ -194,37 +178,29 @@ def start_run(s: Settings) -> Run:
         os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this consent
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "mnist_dist")
-    accelerator = Accelerator(
+    accelerator = Accelerator(  # step_scheduler_with_optimizer off: the schedule is per step at any world size
         cpu=cpu, mixed_precision=s.mixed_precision or None, log_with=log_with, project_dir=out,
-        dataloader_config=sharding(s.seed),
-        # The schedule is defined per optimizer step, at any world size.
-        step_scheduler_with_optimizer=False)
+        dataloader_config=sharding(s.seed), step_scheduler_with_optimizer=False)
     check_launch(state, accelerator.mixed_precision)
     world = accelerator.num_processes
     if s.global_batch_size:
         if s.global_batch_size % world:
             raise RunError(f"--global-batch-size {s.global_batch_size} does not divide over {world} processes.")
         s = dataclasses.replace(s, batch_size=s.global_batch_size // world)
-    info = {**s.as_flat_dict(), "output_dir": str(out), "world_size": world, "global_batch": s.batch_size * world,
+    info = {**dataclasses.asdict(s), "output_dir": str(out), "world_size": world, "global_batch": s.batch_size * world,
             "mixed_precision": accelerator.mixed_precision, "threads": threads,
             "distributed_type": str(accelerator.distributed_type), "device": str(accelerator.device),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "accelerate": accelerate.__version__}}
     resume_from = None
     if s.resume or (restarted and checkpoint.newest(out)):  # a restarted group continues on its own
-        resume_from = checkpoint.find(s.resume or "latest", out)
-        checkpoint.check(resume_from, {k: info[k] for k in TRAJECTORY}, state.process_index)
-    error = None
-    try:
-        data_root = prepare_mnist(s.data_dir)  # safe on shared storage: a file lock, atomic renames
-    except RunError as err:
-        error = str(err)
-    raise_together(error)
-    on_main(state, claim, out, info, not (resume_from or restarted))
+        resume_from = together(checkpoint.find, s.resume or "latest", out, {k: info[k] for k in TRAJECTORY})
+    data_root = together(prepare_mnist, s.data_dir)  # safe on shared storage: a file lock, atomic renames
+    together(claim, out, info, not (resume_from or restarted), main_only=True)
     # "tensorboard" names TensorBoard's folder in the run; the other trackers get the project's name.
     accelerator.init_trackers("tensorboard", init_kwargs={"wandb": {"project": "mnist_dist", "name": out.name},
                                                           "mlflow": {"run_name": out.name}})
-    for tracker in others(accelerator):  # TensorBoard gets the settings at the end, with the final metrics
+    for tracker in split_trackers(accelerator)[1]:  # TensorBoard gets the settings at the end, with the results
         tracker.store_init_configuration(hparams(info))
     return Run(s, accelerator, out, info, resume_from, data_root, t_start, stop)
 
@@ -237,7 +213,7 @@ def build(run: Run) -> Parts:
     model = Net(s.dropout)
     table = summary_table(model)
     accelerator.print(table)
-    if tb := tensorboard(accelerator):
+    if tb := split_trackers(accelerator)[0]:
         tb.add_text("model/summary", "    " + table.replace("\n", "\n    "), 0)  # a markdown code block
     if s.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model)
@@ -245,17 +221,15 @@ def build(run: Run) -> Parts:
         model = to_channels_last(model)
     if s.compile:
         model = torch.compile(model)
-    # fused: one kernel over all 16 parameter tensors instead of a dozen small ops per tensor;
-    # with 9,720 parameters, Adam's cost is per-op overhead, not arithmetic.
+    # fused: one kernel for all 16 parameter tensors; with 9,720 parameters Adam's cost is per-op overhead.
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, fused=True)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    if test_loader is not None:
-        test_loader = accelerator.prepare(test_loader)
+    test_loader = test_loader and accelerator.prepare(test_loader)
     steps = len(train_loader)
     # The cycle spans --schedule-epochs, or all of a shorter run; a resumed run keeps its own.
     scheduler = accelerator.prepare(Schedule(optimizer, s.lr, steps * min(s.schedule_epochs, s.epochs), steps, s.tail_lr))
     set_seed(s.seed, device_specific=True)  # distinct dropout masks and augmentation per rank
-    return Parts(model, optimizer, scheduler, train_loader, val_loader, test_loader, count_params(model))
+    return Parts(model, optimizer, scheduler, train_loader, val_loader, test_loader)
 
 
 def resume_or_start(run: Run, parts: Parts) -> Progress:
@@ -263,7 +237,7 @@ def resume_or_start(run: Run, parts: Parts) -> Progress:
     progress = Progress(trajectory={k: run.info[k] for k in TRAJECTORY})
     run.accelerator.register_for_checkpointing(progress)
     if run.resume_from:
-        checkpoint.load(run.accelerator, run.resume_from)
+        together(checkpoint.load, run.accelerator, run.resume_from)
         run.accelerator.print(f"resumed from {run.resume_from} after epoch {progress.epoch}"
                               + (f", step {progress.batches_done}" if progress.batches_done else ""))
     return progress
@@ -276,8 +250,7 @@ def poll(run: Run, progress: Progress, window: torch.Tensor, local: torch.Tensor
     acc, stop = run.accelerator, run.stop
     flags = torch.cat([window, window.new_tensor([bool(stop.received)])])
     loss_sum, bad_loss, steps_summed, interrupted = acc.reduce(flags, "sum").tolist()
-    acc.log({"step/loss": loss_sum / steps_summed, "step/lr": lr},
-            step=progress.epoch * steps + done)
+    acc.log({"step/loss": loss_sum / steps_summed, "step/lr": lr}, step=progress.epoch * steps + done)
     window.zero_()
     if bad_loss:
         last = checkpoint.newest(run.out)
@@ -328,9 +301,8 @@ def end_epoch(run: Run, parts: Parts, progress: Progress, totals: list[float], t
     """Evaluate, record the epoch in the history, the trackers and the log, and save a checkpoint."""
     acc, s = run.accelerator, run.s
     train_seconds = time.perf_counter() - t0
-    # BatchNorm statistics need no averaging: DDP broadcasts rank 0's buffers before a forward pass
-    # (broadcast_buffers, its default), the first evaluation pass included, so every rank evaluates,
-    # and rank 0 saves, the same model.
+    # BatchNorm statistics need no averaging: DDP broadcasts rank 0's buffers before each forward pass
+    # (broadcast_buffers, its default), evaluation's included, so every rank evaluates the model rank 0 saves.
     val = score(parts.model, parts.val, acc)
     loss_sum, hits, seen = totals
     row = {"epoch": progress.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * hits / seen,
@@ -370,9 +342,9 @@ def log_final_report(run: Run, final: Score, metrics: dict) -> None:
     as hparams with them, the misclassified digits and the confusion matrix."""
     results = {f"hparam/{k}": float(metrics[k]) for k in ("final_val_acc", "stop_epoch", "wall_seconds", "reached_target")}
     step = metrics["stop_epoch"]
-    for tracker in others(run.accelerator):
+    tb, others = split_trackers(run.accelerator)
+    for tracker in others:
         tracker.log(results, step=step)
-    tb = tensorboard(run.accelerator)
     if tb is None:
         return
     images, _ = load_tensors(run.data_root, train=False, limit=run.s.test_limit)
@@ -389,7 +361,7 @@ def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> di
     tested = parts.test is not None
     final = score(parts.model, parts.test if tested else parts.val, acc) if tested or last is None else last
     row = progress.history[-1]
-    metrics = {"params": parts.params, "target_acc": s.target_acc,
+    metrics = {"params": count_params(parts.model), "target_acc": s.target_acc,
                "reached_target": reached(row["val_correct"], row["val_total"], s.target_acc),
                "stop_epoch": row["epoch"], "world_size": acc.num_processes, "mixed_precision": acc.mixed_precision,
                "wall_seconds": time.time() - run.t_start, "final_val_acc": row["val_acc"],
@@ -397,7 +369,7 @@ def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> di
                "epochs": progress.history}
     if tested:
         metrics["test_acc"] = 100 * final.correct / final.total
-    on_main(acc.state, write_outputs, run, parts, metrics)
+    together(write_outputs, run, parts, metrics, main_only=True)
     if acc.is_main_process:
         log_final_report(run, final, metrics)
     acc.end_training()
@@ -412,7 +384,7 @@ def train(s: Settings) -> dict:
     run = start_run(s)
     parts = build(run)
     progress = resume_or_start(run, parts)
-    run.accelerator.print(f"{parts.params:,} parameters | {run.info['world_size']} process(es), "
+    run.accelerator.print(f"{count_params(parts.model):,} parameters | {run.info['world_size']} process(es), "
                           f"{run.accelerator.distributed_type}, {run.info['threads']} thread(s) each, precision "
                           f"{run.accelerator.mixed_precision} | global batch {run.info['global_batch']}, "
                           f"{len(parts.train)} steps/epoch | run folder {run.out}")
@@ -421,7 +393,7 @@ def train(s: Settings) -> dict:
         t0 = time.perf_counter()
         totals = train_epoch(run, parts, progress)
         last = end_epoch(run, parts, progress, totals, t0)
-        if reached(last.correct, last.total, run.s.target_acc):
+        if met(progress, run.s.target_acc):
             run.accelerator.set_trigger()
         if run.accelerator.check_trigger():  # a sum over ranks: every rank leaves on the same epoch
             break
@@ -454,9 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mnist_dist: error: process {os.environ.get('RANK', '?')} lost the job's other processes "
               f"({str(err).strip().splitlines()[0][:200]})", file=sys.stderr)
         code = 1
-    # train() ends the process group when it finishes; these exits must too. One left for the
-    # interpreter's shutdown can abort the process ("terminate called without an active
-    # exception": gloo's threads outlive Python's), turning exit code 2 into a SIGABRT.
+    # train() ends the process group when it finishes; these exits must too. One left for the interpreter's
+    # shutdown can abort with SIGABRT ("terminate called without an active exception": gloo's threads).
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code

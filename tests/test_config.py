@@ -16,7 +16,7 @@ INSTALLED = [str(t) for t in get_available_trackers()]
 
 def write_config(path, settings: Settings):
     """A config.json as train.py writes it: the settings, then what the run resolved and where it ran."""
-    info = {**settings.as_flat_dict(), "output_dir": "runs/old", "world_size": 2, "global_batch": 128,
+    info = {**dataclasses.asdict(settings), "output_dir": "runs/old", "world_size": 2, "global_batch": 128,
             "mixed_precision": "bf16", "distributed_type": "MULTI_CPU", "device": "cpu", "threads": 1,
             "versions": {"python": "3.11.7", "torch": "2.13.0"}}
     path.write_text(json.dumps(info, indent=2))
