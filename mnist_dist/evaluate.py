@@ -25,17 +25,18 @@ from mnist_dist.settings import RunError
 
 
 def load_net(path: str | Path) -> Net:
-    """A Net in eval mode with the weights of a run folder (its model.safetensors) or a .safetensors file."""
+    """A Net in eval mode with the weights of a run or checkpoint folder (its model.safetensors) or a
+    .safetensors file."""
     path = Path(path)
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise RunError(f"no weights at '{file}': pass a run folder holding model.safetensors or a .safetensors file.")
     try:
-        net = Net()
-        net.load_state_dict(load_file(file))
+        net = Net()  # a checkpoint of a --compile run names its weights _orig_mod.*
+        net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in load_file(file).items()})
     except Exception as err:  # not safetensors, truncated, unreadable, or another model's weights
-        first_line = (str(err).strip().splitlines() or [""])[0]
-        raise RunError(f"cannot load weights from '{file}' ({type(err).__name__}: {first_line}).") from None
+        detail = " ".join(str(err).split())[:300]  # a state_dict mismatch lists the keys on later lines
+        raise RunError(f"cannot load weights from '{file}' ({type(err).__name__}: {detail}).") from None
     return net.eval()
 
 
@@ -110,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             print(report(result))
             if args.json:
-                Path(args.json).write_text(json.dumps(result, indent=2))
+                try:
+                    Path(args.json).write_text(json.dumps(result, indent=2))
+                except OSError as err:
+                    raise RunError(f"cannot write '{args.json}' ({err.strerror}).") from None
         return 0
     except RunError as err:
         if accelerator.is_main_process:

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as err:
             parser.error(f"cannot read {run / 'metrics.json'}: {err}")
     out = args.output or (args.runs[0] / "curves.png" if len(runs) == 1 else Path("curves.png"))
-    draw_curves(runs, out)
+    try:
+        draw_curves(runs, out)
+    except OSError as err:
+        parser.error(f"cannot write {out}: {err.strerror}")
     print(out)
 
 

@@ -8,11 +8,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mnist_dist.data import RESOURCES
 from mnist_dist.evaluate import load_net
 
-from conftest import launch, run
+from conftest import launch, run, write_idx
 
 
 def train(*args):
@@ -100,3 +101,27 @@ def test_a_full_disk_is_one_error_naming_the_path_and_the_run_resumes_once_there
         assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root (CI runs as root)")
+def test_a_prepared_data_folder_on_read_only_storage_is_used_and_a_write_there_is_one_error(tmp_path):
+    """A shared dataset mount: training and evaluate read the prepared files as they are (no lock file
+    can be made there); an output asked for on it is one line, not a traceback."""
+    data, out = tmp_path / "ro", tmp_path / "run"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], check=True)
+    try:
+        write_idx(data, torch.randint(0, 256, (64, 28, 28)), torch.arange(64) % 10)
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        trained = launch(["--epochs", "1", "--data-dir", str(data), "--output-dir", str(out)])
+        assert trained.returncode == 0, trained.stderr
+        result = data / "result.json"
+        evaluated = run([sys.executable, "-m", "mnist_dist.evaluate", str(out), "--data-dir", str(data),
+                         "--json", str(result)])
+        assert evaluated.returncode == 2 and "test accuracy" in evaluated.stdout
+        assert f"mnist_dist.evaluate: error: cannot write '{result}' (Read-only file system)" in evaluated.stderr
+        plotted = run([sys.executable, "-m", "mnist_dist.plot", str(out), "-o", str(data / "curves.png")])
+        assert plotted.returncode == 2 and "cannot write" in plotted.stderr
+        assert "Traceback" not in evaluated.stderr + plotted.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=False)

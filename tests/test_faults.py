@@ -22,6 +22,15 @@ def gone_within(processes: list[psutil.Process], seconds: float) -> bool:
     return not alive
 
 
+def ignores(process: psutil.Process, signum: int) -> bool:
+    """Whether `process` ignores `signum`: the SigIgn mask of /proc/PID/status."""
+    try:
+        mask = next(line for line in Path(f"/proc/{process.pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+    except OSError:  # gone
+        return False
+    return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -56,6 +65,35 @@ def test_sigterm_to_accelerate_launch_checkpoints_every_trainer_and_the_run_resu
     assert history[0]["train_images"] == history[1]["train_images"] >= 3000
     print(f"{processes} process(es): launcher exit {job.returncode}; SIGTERM to every trainer gone {stopped:.1f} s; "
           f"resumed run to its end {time.monotonic() - signalled - stopped:.1f} s")
+
+
+def test_sigterm_to_every_process_of_the_job_spares_the_dataloader_workers(tmp_path, mnist_root):
+    """As a scheduler stops a job (SLURM's scancel signals every process of it, Ctrl-C the whole process
+    group): SIGTERM to the launcher, the trainers and their DataLoader workers at once. The workers leave
+    it to their trainer, which saves; the run resumes to its end."""
+    out = tmp_path / "run"
+    flags = ["--loader", "torchvision", "--workers", "1", "--epochs", "1", "--train-limit", "3000",
+             "--test-limit", "500", "--target-acc", "100", "--data-dir", str(mnist_root), "--output-dir", str(out)]
+    cmd, env = launch_cmd(flags, processes=2)
+    job = start(cmd, env)
+    launcher = psutil.Process(job.pid)
+    for _ in range(200):  # the workers start with the first batch, and set their signals up before serving it
+        workers = [p for t in trainers(job) for p in t.children()]
+        if len(workers) >= 2 and all(ignores(w, signal.SIGTERM) for w in workers):
+            break
+        time.sleep(0.05)
+    assert len(workers) >= 2 and all(ignores(w, signal.SIGTERM) for w in workers)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.send_signal(signal.SIGTERM)
+    output = job.communicate(timeout=60)[0]
+    assert "DataLoader worker" not in output, output[-3000:]
+    [saved] = (out / "checkpoints").iterdir()
+    assert saved.name.startswith("epoch_0000_step_"), output[-3000:]
+    cmd, env = launch_cmd(flags + ["--resume"], processes=2)
+    resumed = run(cmd, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    # Every image of the epoch once, before and after the stop: 24 steps of 64 on each of the 2 ranks.
+    assert [e["train_images"] for e in read_metrics(out)["epochs"]] == [24 * 64 * 2]
 
 
 def test_a_worker_killed_under_max_restarts_heals_with_one_history(tmp_path, mnist_root):
