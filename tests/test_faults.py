@@ -25,9 +25,10 @@ def gone_within(processes: list[psutil.Process], seconds: float) -> bool:
 def ignores(process: psutil.Process, signum: int) -> bool:
     """Whether `process` ignores `signum`: the SigIgn mask of /proc/PID/status."""
     try:
-        mask = next(line for line in Path(f"/proc/{process.pid}/status").read_text().splitlines() if line.startswith("SigIgn"))
+        status = Path(f"/proc/{process.pid}/status").read_text()
     except OSError:  # gone
         return False
+    mask = next(line for line in status.splitlines() if line.startswith("SigIgn:"))
     return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
 
 
