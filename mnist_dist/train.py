@@ -178,9 +178,12 @@ def start_run(s: Settings) -> Run:
         os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this consent
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "mnist_dist")
-    accelerator = Accelerator(  # step_scheduler_with_optimizer off: the schedule is per step at any world size
-        cpu=cpu, mixed_precision=s.mixed_precision or None, log_with=log_with, project_dir=out,
-        dataloader_config=sharding(s.seed), step_scheduler_with_optimizer=False)
+    try:  # step_scheduler_with_optimizer off: the schedule is per step at any world size
+        accelerator = Accelerator(
+            cpu=cpu, mixed_precision=s.mixed_precision or None, log_with=log_with, project_dir=out,
+            dataloader_config=sharding(s.seed), step_scheduler_with_optimizer=False)
+    except ValueError as err:  # a precision this machine cannot run: fp8 without its libraries, bf16 on an old GPU
+        raise RunError(f"Accelerate cannot set up this run: {err}") from None
     check_launch(state, accelerator.mixed_precision)
     world = accelerator.num_processes
     if s.global_batch_size:

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
+from accelerate.utils import is_fp8_available
 from safetensors.torch import load_file
 
 from mnist_dist.distributed import check_launch, use_cpu
@@ -89,11 +90,16 @@ def test_each_rank_trains_on_a_disjoint_shard_covering_the_set(tmp_path):
     assert rank0[0] != rank0[1]  # reshuffled each epoch
 
 
-def test_fp16_without_a_gpu_is_refused(tmp_path, mnist_root):
-    result = launch(["--mixed-precision", "fp16", "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")])
+@pytest.mark.parametrize("precision, says", [
+    ("fp16", "fp16 mixed precision needs a CUDA GPU"),
+    pytest.param("fp8", "fp8", marks=pytest.mark.skipif(is_fp8_available(), reason="fp8 libraries are installed")),
+])
+def test_a_precision_this_machine_lacks_is_refused_in_one_line(tmp_path, mnist_root, precision, says):
+    result = launch(["--mixed-precision", precision, "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")])
     assert result.returncode != 0
-    assert "fp16 mixed precision needs a CUDA GPU" in result.stderr
-    assert not (tmp_path / "r" / "metrics.json").exists()
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("mnist_dist: error:")]
+    assert says in error and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_plain_torchrun_on_cpu_runs_distributed(tmp_path, mnist_root):
