@@ -89,16 +89,22 @@ def agree(error: str | None) -> str | None:
 
 def together(fn, *args, main_only: bool = False):
     """`fn(*args)` on every rank (or the main process only); its result. A RunError or OSError on any rank
-    is raised as one RunError on all of them (a full disk, say). Every rank must call it."""
-    result, error = None, None
+    is raised as one RunError on all of them (a full disk, say). Any other exception is a bug: its rank
+    raises it with its traceback, the others stop with its name instead of waiting. Every rank must call it."""
+    result, error, bug = None, None, None
     if not main_only or PartialState().is_main_process:
         try:
             result = fn(*args)
         except OSError as err:
-            error = f"cannot write '{err.filename or ''}' ({err.strerror or err})"
+            where = f" '{err.filename}'" if err.filename else ""  # a failed write() carries no file name
+            error = f"cannot write{where} ({err.strerror or err})"
         except RunError as err:
             error = str(err)
+        except Exception as err:
+            bug, error = err, f"{type(err).__name__} in {fn.__name__} on another process: {err}"
     error = agree(error)
+    if bug:
+        raise bug
     if error:
         raise RunError(error)
     return result

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from mnist_dist import checkpoint
@@ -75,6 +75,8 @@ def write_atomic(path: Path, write, exclusive: bool = False) -> None:
     try:
         write(tmp)
         (os.link if exclusive else os.replace)(tmp, path)
+    except OSError as err:  # named: a failed write (a full disk) carries no file name
+        raise OSError(err.errno, err.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -90,6 +92,7 @@ class Run:
     data_root: Path
     t_start: float  # process start: wall_seconds include imports and set-up
     stop: "StopSignals"
+    log_error: str = ""  # a tracker write that failed on the main process (a full disk), for the next poll
 
 
 @dataclass
@@ -246,14 +249,26 @@ def resume_or_start(run: Run, parts: Parts) -> Progress:
     return progress
 
 
+def log(run: Run, values: dict, step: int) -> None:
+    """accelerator.log; a write that fails (a full disk) stops every rank at the next poll instead of one now."""
+    try:
+        run.accelerator.log(values, step=step)
+    except OSError as err:
+        run.log_error = run.log_error or f"cannot write the trackers' logs in '{run.out}' ({err.strerror})"
+
+
 def poll(run: Run, progress: Progress, window: torch.Tensor, local: torch.Tensor, done: int, steps: int,
          lr: float) -> None:
     """Every POLL_STEPS steps, one small all-reduce: the global mean loss, and the flags every rank
-    must act on alike (a diverged loss, a stop signal)."""
+    must act on alike (a diverged loss, a failed log write, a stop signal)."""
     acc, stop = run.accelerator, run.stop
-    flags = torch.cat([window, window.new_tensor([bool(stop.received)])])
-    loss_sum, bad_loss, steps_summed, interrupted = acc.reduce(flags, "sum").tolist()
-    acc.log({"step/loss": loss_sum / steps_summed, "step/lr": lr}, step=progress.epoch * steps + done)
+    flags = torch.cat([window, window.new_tensor([bool(run.log_error), bool(stop.received)])])
+    loss_sum, bad_loss, steps_summed, log_failed, interrupted = acc.reduce(flags, "sum").tolist()
+    if log_failed:
+        last = checkpoint.newest(run.out)
+        raise RunError(f"{run.log_error}; training stopped. " + (f"Once it can be written, continue with --resume "
+                                                                 f"{last}." if last else "No checkpoint was saved yet."))
+    log(run, {"step/loss": loss_sum / steps_summed, "step/lr": lr}, progress.epoch * steps + done)
     window.zero_()
     if bad_loss:
         last = checkpoint.newest(run.out)
@@ -314,9 +329,9 @@ def end_epoch(run: Run, parts: Parts, progress: Progress, totals: list[float], t
            "val_total": val.total, "elapsed": time.time() - run.t_start}
     progress.history.append(row)
     progress.epoch, progress.batches_done, progress.carried = row["epoch"], 0, [0.0, 0.0, 0.0]
-    acc.log({"train/loss": row["train_loss"], "train/acc": row["train_acc"], "val/loss": row["val_loss"],
-             "val/acc": row["val_acc"], "lr": parts.optimizer.param_groups[0]["lr"],
-             "seconds_per_epoch": row["seconds"]}, step=row["epoch"])
+    log(run, {"train/loss": row["train_loss"], "train/acc": row["train_acc"], "val/loss": row["val_loss"],
+              "val/acc": row["val_acc"], "lr": parts.optimizer.param_groups[0]["lr"],
+              "seconds_per_epoch": row["seconds"]}, row["epoch"])
     acc.print(f"epoch {row['epoch']:2d}/{s.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
               f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% ({val.correct}/{val.total})  "
               f"{row['seconds']:.1f} s")
@@ -334,8 +349,10 @@ def write_outputs(run: Run, parts: Parts, metrics: dict) -> None:
     """The main process's files: weights, metrics and the graph, each written whole or not at all."""
     # The plain Net's parameter names, also under --compile, so evaluate/predict load them.
     weights = run.accelerator.unwrap_model(parts.model, keep_torch_compile=False).state_dict()
-    # channels_last weights are strided views; safetensors stores contiguous tensors.
-    write_atomic(run.out / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in weights.items()}, p))
+    # channels_last weights are strided views; safetensors stores contiguous tensors. Serialised in
+    # memory and written by Python, so that a full disk is an OSError naming the file.
+    data = save({k: v.contiguous() for k, v in weights.items()})
+    write_atomic(run.out / "model.safetensors", lambda p: p.write_bytes(data))
     write_atomic(run.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
     write_atomic(run.out / "curves.png", lambda p: draw_curves({run.out.name: metrics}, p))
 
@@ -372,9 +389,12 @@ def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> di
                "epochs": progress.history}
     if tested:
         metrics["test_acc"] = 100 * final.correct / final.total
-    together(write_outputs, run, parts, metrics, main_only=True)
-    if acc.is_main_process:
-        log_final_report(run, final, metrics)
+    try:
+        together(write_outputs, run, parts, metrics, main_only=True)
+        together(log_final_report, run, final, metrics, main_only=True)
+    except RunError as err:
+        raise RunError(f"{err}. The checkpoint '{checkpoint.newest(run.out)}' is complete: once there is room, "
+                       "the same command with --resume writes the run's files.") from None
     acc.end_training()
     acc.print(f"{'reached' if metrics['reached_target'] else 'did not reach'} {s.target_acc}%: epoch {row['epoch']}, "
               f"val acc {row['val_acc']:.2f}%" + (f", test acc {metrics['test_acc']:.2f}%" if tested else "")
