@@ -76,7 +76,7 @@ def write_atomic(path: Path, write, exclusive: bool = False) -> None:
         write(tmp)
         (os.link if exclusive else os.replace)(tmp, path)
     except OSError as err:  # named: a failed write (a full disk) carries no file name
-        raise OSError(err.errno, err.strerror, str(path)) from None
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
