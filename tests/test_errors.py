@@ -1,4 +1,5 @@
 """Bad input gets one clear paragraph and a non-zero status, never a traceback, and overwrites nothing."""
+import contextlib
 import gzip
 import json
 import os
@@ -74,14 +75,26 @@ def test_a_bad_resume_path_is_refused_and_writes_nothing_into_an_existing_run_fo
     assert result.returncode == 2 and "found no checkpoint" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+
+
+@contextlib.contextmanager
+def tmpfs(folder, size: str):
+    """A tmpfs of `size` mounted at `folder` (created) for the block; yields remount(options)."""
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield lambda options: subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@needs_root
 def test_a_full_disk_is_one_error_naming_the_path_and_the_run_resumes_once_there_is_room(tmp_path, mnist_root):
     """The run folder on a 300 KiB tmpfs: the first checkpoint (~180 KB) fits, the second does not.
     On two processes: the main one fails to write, and both stop within seconds."""
     disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(disk, "300k") as remount:
         out = disk / "run"
         flags = ["--epochs", "3", "--train-limit", "256", "--test-limit", "100", "--target-acc", "100",
                  "--data-dir", str(mnist_root), "--output-dir", str(out)]
@@ -95,23 +108,19 @@ def test_a_full_disk_is_one_error_naming_the_path_and_the_run_resumes_once_there
         assert f"The last complete checkpoint is '{out / 'checkpoints' / 'epoch_0001'}'" in stderr
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]  # no .partial left
 
-        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        remount("size=4m")
         resumed = launch(flags + ["--resume"], processes=2, timeout=300)
         assert resumed.returncode == 0, resumed.stderr
         assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root (CI runs as root)")
+@needs_root
 def test_a_log_write_failing_mid_epoch_stops_every_rank_at_once_and_the_run_resumes(tmp_path, mnist_root):
     """The run folder turns read-only after epoch 1's checkpoint (as a full disk or a lost mount does): the
     main process's next TensorBoard write fails, and both ranks stop at the next poll, with one message
     naming the checkpoint to resume from, instead of a traceback and the other rank waiting for --timeout."""
     disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(disk, "2m") as remount:
         out = disk / "run"
         flags = ["--epochs", "2", "--train-limit", "6000", "--test-limit", "500", "--target-acc", "100",
                  "--data-dir", str(mnist_root), "--output-dir", str(out)]
@@ -120,7 +129,7 @@ def test_a_log_write_failing_mid_epoch_stops_every_rank_at_once_and_the_run_resu
             if (out / "checkpoints" / "epoch_0001").exists():
                 break
             time.sleep(0.05)
-        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        remount("ro")
         broken = time.monotonic()
         output = job.communicate(timeout=120)[0]
         assert job.returncode != 0 and time.monotonic() - broken < 30, output[-3000:]
@@ -129,24 +138,20 @@ def test_a_log_write_failing_mid_epoch_stops_every_rank_at_once_and_the_run_resu
         # No exception of ours escaped (TensorBoard's writer thread prints its own, which may show our
         # log() frame: that is where its error surfaced).
         assert not re.search(r'File ".*mnist_dist/train\.py", line \d+, in main', output)
-        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        remount("rw")
         resumed = launch(flags + ["--resume"], processes=2, timeout=300)
         assert resumed.returncode == 0, resumed.stderr
         assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root (CI runs as root)")
+@needs_root
 def test_a_prepared_data_folder_on_read_only_storage_is_used_and_a_write_there_is_one_error(tmp_path):
     """A shared dataset mount: training and evaluate read the prepared files as they are (no lock file
     can be made there); an output asked for on it is one line, not a traceback."""
     data, out = tmp_path / "ro", tmp_path / "run"
-    data.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], check=True)
-    try:
+    with tmpfs(data, "1m") as remount:
         write_idx(data, torch.randint(0, 256, (64, 28, 28)), torch.arange(64) % 10)
-        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        remount("ro")
         trained = launch(["--epochs", "1", "--data-dir", str(data), "--output-dir", str(out)])
         assert trained.returncode == 0, trained.stderr
         result = data / "result.json"
@@ -157,5 +162,3 @@ def test_a_prepared_data_folder_on_read_only_storage_is_used_and_a_write_there_i
         plotted = run([sys.executable, "-m", "mnist_dist.plot", str(out), "-o", str(data / "curves.png")])
         assert plotted.returncode == 2 and "cannot write" in plotted.stderr
         assert "Traceback" not in evaluated.stderr + plotted.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=False)
