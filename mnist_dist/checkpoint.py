@@ -80,15 +80,18 @@ def _publish(partial: Path, folder: Path, keep: int) -> None:
 
 
 def find(resume: str, run_dir: Path, trajectory: dict) -> Path:
-    """The checkpoint folder `--resume` means ('latest' in `run_dir`, or a path), refused if this rank cannot
-    read it or another trajectory wrote it. Reads only: nothing is written before the resume is known sound."""
+    """The checkpoint folder `--resume` means (the newest of `run_dir` for 'latest', of a run folder, or a
+    checkpoint folder), refused if this rank cannot read it or another trajectory wrote it. Reads only:
+    nothing is written before the resume is known sound."""
+    if resume != "latest" and (Path(resume) / "checkpoints").is_dir():  # a run folder
+        run_dir, resume = Path(resume), "latest"
     folder = newest(run_dir) if resume == "latest" else Path(resume)
     if folder is None:
         raise RunError(f"--resume found no checkpoint in '{run_dir}/checkpoints'; pass the run folder "
-                       "with --output-dir, or a checkpoint folder with --resume PATH.")
+                       "(--resume RUN_FOLDER, or --output-dir RUN_FOLDER --resume) or a checkpoint folder.")
     if not (folder / PROGRESS).is_file():
-        raise RunError(f"'{folder}' is not an mnist_dist checkpoint (no {PROGRESS}); checkpoints are "
-                       "the folders RUN/checkpoints/epoch_NNNN.")
+        raise RunError(f"'{folder}' is neither an mnist_dist run folder nor one of its checkpoints "
+                       f"RUN/checkpoints/epoch_NNNN (no {PROGRESS}).")
     try:
         saved = torch.load(folder / PROGRESS, weights_only=True)["trajectory"]
         changed = [f"{k.replace('_', '-')} (saved {saved.get(k)!r}, given {v!r})"

@@ -86,8 +86,8 @@ class Settings:
     compile: bool = _opt(False, "torch.compile the network")
     mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
                                     "launch or its config", choices=["", "no", "bf16", "fp16", "fp8"])
-    resume: str = _opt("", "continue a run: alone, from the newest checkpoint of --output-dir; "
-                           "with a path, from that checkpoint folder", nargs="?", const="latest")
+    resume: str = _opt("", "continue a run: alone, from the newest checkpoint of --output-dir; with a "
+                           "path, from a run folder's newest or that checkpoint folder", nargs="?", const="latest")
     keep_checkpoints: int = _opt(2, "checkpoints kept per run (one is saved every epoch)")
     timeout: int = _opt(120, "seconds a collective may wait for another rank before the job fails")
 

@@ -138,12 +138,13 @@ def hparams(info: dict) -> dict:  # what trackers take as settings
 
 
 def run_name(s: Settings) -> str:
-    """The run folder (main process's choice): --output-dir, the folder of --resume PATH, or a new
+    """The run folder (main process's choice): --output-dir, the run of --resume PATH, or a new
     runs/<launch time>-<launcher pid>, which a group restarted by its launcher finds again."""
     if s.output_dir:
         return s.output_dir
-    if s.resume not in ("", "latest"):
-        return str(Path(s.resume).resolve().parent.parent)  # RUN/checkpoints/epoch_NNNN -> RUN
+    if s.resume not in ("", "latest"):  # PATH: a run folder, or one of its checkpoints RUN/checkpoints/epoch_NNNN
+        path = Path(s.resume).resolve()
+        return str(path if (path / "checkpoints").is_dir() else path.parent.parent)
     launcher = psutil.Process()
     if LAUNCHED & os.environ.keys():
         launcher = launcher.parent()
@@ -166,7 +167,8 @@ def start_run(s: Settings) -> Run:
     """Process group, accelerator and run folder, with every input checked before anything is written."""
     t_start = psutil.Process().create_time()
     if s.resume == "latest" and not s.output_dir:  # every rank alike, before any collective
-        raise RunError("--resume without a path needs --output-dir: the run folder to continue.")
+        raise RunError("--resume without a path needs --output-dir: the run folder to continue "
+                       "(or give it as --resume RUN_FOLDER).")
     stop = StopSignals()  # first: a launcher may forward a signal while the job is still starting
     keep_freed_memory()
     die_with_launcher()

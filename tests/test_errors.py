@@ -69,7 +69,7 @@ def test_a_bad_resume_path_is_refused_and_writes_nothing_into_an_existing_run_fo
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     (tmp_path / "junk").mkdir()  # a folder, but no checkpoint
     result = train("--data-dir", str(mnist_root), "--output-dir", str(out), "--resume", str(tmp_path / "junk"))
-    assert result.returncode == 2 and "is not an mnist_dist checkpoint" in result.stderr
+    assert result.returncode == 2 and "is neither an mnist_dist run folder nor one of its checkpoints" in result.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     result = train("--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r2"), "--resume")
     assert result.returncode == 2 and "found no checkpoint" in result.stderr

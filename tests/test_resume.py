@@ -34,7 +34,7 @@ def test_a_finished_run_extended_is_bit_identical_to_one_planned_that_long(tmp_p
     assert train(*flags, "--epochs", "2", "--output-dir", str(split)).returncode == 0
     first = read_metrics(split)["epochs"]
     (split / "checkpoints" / ".partial-epoch_0003").mkdir()  # left by a save that was killed
-    resumed = train(*flags, "--epochs", "4", "--output-dir", str(split), "--resume")
+    resumed = train(*flags, "--epochs", "4", "--resume", str(split))  # the run folder: its newest checkpoint
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and "after epoch 2" in resumed.stdout
     assert "Traceback" not in resumed.stderr
