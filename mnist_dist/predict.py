@@ -33,8 +33,8 @@ def to_mnist(image: Image.Image) -> torch.Tensor:
         x, border = 1 - x, 1 - border
     # Paper to 0 and the strongest stroke to 1, so grey paper or faint ink look like MNIST.
     x = (x - border.median()).clamp(min=0)
-    if x.max() == 0:  # nothing drawn: an empty field
-        return torch.full((1, 28, 28), -MEAN / STD)
+    if x.max() == 0:  # a confident digit for an empty page would be a made-up answer
+        raise ValueError("no digit: the image is one flat shade")
     x = x / x.max()
     rows, cols = (x > INK).nonzero(as_tuple=True)
     x = x[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = to_mnist(image)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             # One bad file should not hide the answers for the others, but the exit status tells.
-            print(f"mnist_dist.predict: error: cannot read image '{path}' ({type(err).__name__}: {err})",
-                  file=sys.stderr)
+            print(f"mnist_dist.predict: error: skipped '{path}' ({type(err).__name__}: {err})", file=sys.stderr)
             status = 2
             continue
         with torch.inference_mode():

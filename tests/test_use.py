@@ -108,21 +108,23 @@ def drawn(path, draw) -> str:
 
 def test_predict_agrees_with_the_labels_of_exported_test_digits_and_skips_a_bad_file(trained, mnist_root, tmp_path):
     """100 test images drawn at random (all ten digits among them), exported as a user's PNG files,
-    plus two digits drawn in a paint program and a file that is no image."""
+    plus two digits drawn in a paint program, a file that is no image and a blank page."""
     images, labels = load_tensors(mnist_root, train=False)
     picks = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:100].tolist()
     assert set(labels[picks].tolist()) == set(range(10))
     expected = {mnist_png(images[i], tmp_path / f"test{i}.png"): int(labels[i]) for i in picks}
     expected[drawn(tmp_path / "one.png", lambda d: d.line([(100, 30), (100, 170)], fill="black", width=18))] = 1
     expected[drawn(tmp_path / "zero.jpg", lambda d: d.ellipse([55, 25, 145, 175], outline="black", width=16))] = 0
-    bad = tmp_path / "x.png"
+    bad, blank = tmp_path / "x.png", tmp_path / "blank.png"
     bad.write_text("this is not an image")
+    Image.new("RGB", (200, 200), "white").save(blank)  # no digit: no answer, rather than a made-up one
     paths = list(expected)
     result = run([sys.executable, "-m", "mnist_dist.predict", "--weights", str(trained),
-                  *paths[:50], str(bad), *paths[50:]], timeout=300)
+                  *paths[:50], str(bad), *paths[50:80], str(blank), *paths[80:]], timeout=300)
 
     assert result.returncode == 2
-    assert "x.png" in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 2 and "Traceback" not in result.stderr
+    assert "skipped" in result.stderr and "x.png" in result.stderr and "blank.png' (ValueError: no digit" in result.stderr
     got = {}
     for line in result.stdout.splitlines():  # the images after the bad one are answered too
         path, label, p = LINE.match(line).groups()
