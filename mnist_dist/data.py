@@ -5,13 +5,16 @@
 - "torchvision": the seed's DataLoader with per-image PIL transforms: the baseline, and a place for your own.
 Either way they are plain DataLoaders that `accelerator.prepare` shards.
 """
+import atexit
 import copy
 import fcntl
 import importlib.util
 import math
+import multiprocessing
 import os
 import shutil
 import signal
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -136,12 +139,17 @@ def whole_batch(batch):
     return batch
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: a DataLoader worker leaves SIGINT/SIGTERM to its trainer, which stops it after saving.
-    A scheduler that signals every process of a job (SLURM's scancel, Ctrl-C) would otherwise kill it mid-epoch,
-    and the trainer with it, unsaved. A worker whose trainer is gone exits by itself."""
+def ignore_stop_signals(exiting, worker_id: int) -> None:
+    """worker_init_fn: while its trainer runs, a DataLoader worker leaves SIGINT/SIGTERM to it, which stops
+    after saving. A scheduler that signals every process of a job (SLURM's scancel, Ctrl-C) would otherwise
+    kill the worker mid-epoch, and the trainer with it, unsaved. Once the trainer is `exiting`, SIGTERM ends
+    the worker: multiprocessing stops workers that way at exit, and waits for them. A worker whose trainer
+    is gone exits by itself."""
+    def on_sigterm(signum, frame):
+        if exiting.is_set():
+            os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader, DataLoader | None]:
@@ -165,7 +173,12 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
             train_ds, plain_ds = Subset(train_ds, range(s.train_limit)), Subset(plain_ds, range(s.train_limit))
         if s.test_limit:
             test_ds = Subset(test_ds, range(s.test_limit))
-        kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0, worker_init_fn=ignore_stop_signals)
+        # Set at exit before multiprocessing's own exit handler (registered at import, so run after this one)
+        # stops the workers: ignoring that SIGTERM would leave the trainer waiting for them forever.
+        exiting = multiprocessing.Event()
+        atexit.register(exiting.set)
+        kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0,
+                  worker_init_fn=partial(ignore_stop_signals, exiting))
     if s.val_split >= len(train_ds):
         raise RunError(f"--val-split {s.val_split} leaves no training images (there are {len(train_ds)}).")
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)

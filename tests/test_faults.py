@@ -1,5 +1,6 @@
-"""Faults through the launchers users run: a signal to `accelerate launch`, a worker killed under
-`--max_restarts`, and two machines (here: two launches on one host) sharing a run and a data folder."""
+"""Faults through the launchers users run: a signal to `accelerate launch`, DataLoader workers at exit, a
+worker killed under `--max_restarts`, and two machines (here: two launches on one host) sharing a run and
+a data folder."""
 import os
 import signal
 import socket
@@ -80,10 +81,10 @@ def test_sigterm_to_every_process_of_the_job_spares_the_dataloader_workers(tmp_p
     launcher = psutil.Process(job.pid)
     for _ in range(200):  # the workers start with the first batch, and set their signals up before serving it
         workers = [p for t in trainers(job) for p in t.children()]
-        if len(workers) >= 2 and all(ignores(w, signal.SIGTERM) for w in workers):
+        if len(workers) >= 2 and all(ignores(w, signal.SIGINT) for w in workers):  # their worker_init_fn ran
             break
         time.sleep(0.05)
-    assert len(workers) >= 2 and all(ignores(w, signal.SIGTERM) for w in workers)
+    assert len(workers) >= 2 and all(ignores(w, signal.SIGINT) for w in workers)
     for process in [launcher, *launcher.children(recursive=True)]:
         process.send_signal(signal.SIGTERM)
     output = job.communicate(timeout=60)[0]
@@ -95,6 +96,23 @@ def test_sigterm_to_every_process_of_the_job_spares_the_dataloader_workers(tmp_p
     assert resumed.returncode == 0, resumed.stderr
     # Every image of the epoch once, before and after the stop: 47 steps of 64 on each of the 2 ranks.
     assert [e["train_images"] for e in read_metrics(out)["epochs"]] == [47 * 64 * 2]
+
+
+def test_a_run_on_dataloader_workers_exits_when_it_is_done(tmp_path, mnist_root):
+    """At exit multiprocessing stops the workers with SIGTERM and waits for them: the workers, which leave
+    SIGTERM to their trainer while it trains (above), must honour it then, or the trainer waits forever."""
+    out = tmp_path / "run"
+    job = subprocess.Popen([ACCELERATE, "launch", "-q", "-m", "mnist_dist.train", "--loader", "torchvision",
+                            "--epochs", "1", "--train-limit", "1000", "--test-limit", "100", "--data-dir",
+                            str(mnist_root), "--output-dir", str(out)], cwd=REPO, stdout=subprocess.DEVNULL)
+    processes = [psutil.Process(job.pid)]
+    while job.poll() is None and not (out / "metrics.json").exists():
+        processes = [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]
+        time.sleep(0.2)
+    _, waiting = psutil.wait_procs(processes, timeout=60)
+    for process in waiting:  # clear them away before failing
+        process.kill()
+    assert not waiting and job.wait() == 0
 
 
 def test_a_worker_killed_under_max_restarts_heals_with_one_history(tmp_path, mnist_root):
