@@ -139,7 +139,7 @@ def whole_batch(batch):
     return batch
 
 
-def ignore_stop_signals(exiting, worker_id: int) -> None:
+def leave_stops_to_trainer(exiting, worker_id: int) -> None:
     """worker_init_fn: while its trainer runs, a DataLoader worker leaves SIGINT/SIGTERM to it, which stops
     after saving. A scheduler that signals every process of a job (SLURM's scancel, Ctrl-C) would otherwise
     kill the worker mid-epoch, and the trainer with it, unsaved. Once the trainer is `exiting`, SIGTERM ends
@@ -178,7 +178,7 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
         exiting = multiprocessing.Event()
         atexit.register(exiting.set)
         kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0,
-                  worker_init_fn=partial(ignore_stop_signals, exiting))
+                  worker_init_fn=partial(leave_stops_to_trainer, exiting))
     if s.val_split >= len(train_ds):
         raise RunError(f"--val-split {s.val_split} leaves no training images (there are {len(train_ds)}).")
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
