@@ -3,19 +3,20 @@ process takes, the refusal of launches that would train the wrong thing, and err
 found on any rank reaches every rank (`together`), so all stop at once with one message instead
 of leaving the others in their next collective until the timeout.
 """
-import ctypes
 import os
-import signal
 
 import psutil
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
+from mnist_dist.job import LAUNCHED
 from mnist_dist.settings import RunError
 
-# Set in the trainer's environment by `accelerate launch` and by torchrun, respectively.
-LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
+# What to run instead, for the launches that check_launch refuses.
+CPU_PROCESSES = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train"
+# Accelerate's launcher marks these modes in the trainer's environment.
+SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def use_cpu(cuda_available: bool, env=os.environ) -> bool:
@@ -49,20 +50,6 @@ def set_threads() -> int:
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_machine))
     return torch.get_num_threads()
-
-
-def die_with_launcher() -> None:
-    """Have Linux send this process SIGTERM when its launcher dies: the one-process `accelerate launch`
-    forwards no signals, so killed it would leave the trainer running as an orphan. With this, the trainer
-    saves a checkpoint and exits. Only under a launcher: `nohup python -m ...` outlives its shell."""
-    if not LAUNCHED & os.environ.keys():
-        return
-    try:
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux/glibc
-        return
-    if os.getppid() == 1:  # the launcher was already gone before we asked
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def join_restarted_group(cpu: bool, timeout) -> None:
@@ -110,14 +97,40 @@ def together(fn, *args, main_only: bool = False):
     return result
 
 
+def one_process_for_several() -> bool:
+    """Whether `accelerate launch` was asked for several processes or machines and started this one process
+    alone: without --multi_gpu it does so wherever it finds fewer GPUs. It then sets MASTER_PORT for the
+    trainer (and nothing else that says so); a MASTER_PORT of the user's own is in the launcher's environment too."""
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or "WORLD_SIZE" in os.environ or "MASTER_PORT" not in os.environ:
+        return False
+    try:
+        return "MASTER_PORT" not in psutil.Process().parent().environ()
+    except (psutil.Error, AttributeError):  # no parent, or another user's: cannot tell
+        return False
+
+
+def check_launcher() -> None:
+    """Refuse, from the environment alone and before any process group starts, the launch modes that would
+    train the wrong thing or fail later in a traceback. Every rank alike."""
+    if one_process_for_several():
+        raise RunError("accelerate launch started one process, not the several asked for: it runs several only "
+                       "with --multi_gpu. Use 'accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
+                       f"on GPUs, '{CPU_PROCESSES}' without them.")
+    sharded = [name for var, name in SHARDED.items() if os.environ.get(var, "").lower() in ("1", "true")]
+    if sharded:
+        raise RunError(f"{sharded[0]} shards large models over processes; this network's 9,720 parameters have "
+                       "nothing to shard, and every process holds them whole under DDP. Launch with --multi_gpu "
+                       "instead: 'accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' on GPUs, "
+                       f"'{CPU_PROCESSES}' without them.")
+
+
 def check_launch(state: PartialState, mixed_precision: str) -> None:
-    """Refuse the launch modes that would silently train the wrong thing."""
+    """Refuse the launch modes that would silently train the wrong thing, seen once the processes are up."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and state.num_processes == 1:
         raise RunError(f"{launched} processes were launched but Accelerate sees a single process, so every one "
                        "would train on all the data and write the same files. On a machine without GPUs use "
-                       "'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
-                       "(with torchrun, set ACCELERATE_USE_CPU=1).")
+                       f"'{CPU_PROCESSES}' (with torchrun, set ACCELERATE_USE_CPU=1).")
     if mixed_precision == "fp16" and state.device.type == "cpu":
         raise RunError("fp16 mixed precision needs a CUDA GPU; on the CPU Accelerate would silently train in "
                        "fp32. Use --mixed_precision bf16 (CPU autocast) or no.")

@@ -87,7 +87,9 @@ class Settings:
     mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
                                     "launch or its config", choices=["", "no", "bf16", "fp16", "fp8"])
     resume: str = _opt("", "continue a run: alone, from the newest checkpoint of --output-dir; with a "
-                           "path, from a run folder's newest or that checkpoint folder", nargs="?", const="latest")
+                           "path, from a run folder's newest or that checkpoint folder; 'auto': from "
+                           "--output-dir's newest if it has one, else start it (one command for a job that a "
+                           "scheduler may restart)", nargs="?", const="latest")
     keep_checkpoints: int = _opt(2, "checkpoints kept per run (one is saved every epoch)")
     timeout: int = _opt(120, "seconds a collective may wait for another rank before the job fails")
 

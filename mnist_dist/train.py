@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from mnist_dist import job
+
+job.watch_launcher()  # before the imports below, which take seconds: no trainer outlives its launcher
+
 import accelerate
 import psutil
 import torch
@@ -31,8 +35,7 @@ from tqdm import tqdm
 from mnist_dist import checkpoint
 from mnist_dist.checkpoint import TRAJECTORY, Progress
 from mnist_dist.data import load_tensors, make_loaders, prepare_mnist
-from mnist_dist.distributed import (LAUNCHED, check_launch, die_with_launcher, join_restarted_group, set_threads,
-                                    together, use_cpu)
+from mnist_dist.distributed import check_launch, check_launcher, join_restarted_group, set_threads, together, use_cpu
 from mnist_dist.evaluate import Score, score
 from mnist_dist.model import Net, count_params, summary_table, sync_batchnorm, to_channels_last
 from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
@@ -142,19 +145,38 @@ def run_name(s: Settings) -> str:
     runs/<launch time>-<launcher pid>, which a group restarted by its launcher finds again."""
     if s.output_dir:
         return s.output_dir
-    if s.resume not in ("", "latest"):  # PATH: a run folder, or one of its checkpoints RUN/checkpoints/epoch_NNNN
+    if s.resume not in ("", "latest", "auto"):  # PATH: a run folder, or one of its checkpoints RUN/checkpoints/epoch_NNNN
         path = Path(s.resume).resolve()
         return str(path if (path / "checkpoints").is_dir() else path.parent.parent)
     launcher = psutil.Process()
-    if LAUNCHED & os.environ.keys():
+    if job.LAUNCHED & os.environ.keys():
         launcher = launcher.parent()
     return f"runs/{datetime.fromtimestamp(launcher.create_time()):%Y%m%d-%H%M%S}-{launcher.pid}"
 
 
+def restarted() -> bool:
+    """Whether a scheduler restarted this job: torchrun (--max_restarts) or SLURM (a requeue, preemption)."""
+    return any(int(os.environ.get(v, "0")) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+
+
+def resume_point(s: Settings, out: Path, trajectory: dict) -> Path | None:
+    """The checkpoint to continue: --resume's; or with --resume auto, or in a job a scheduler restarted, the
+    run folder's newest if it has one (else the run starts). The main process looks for it, so that every rank
+    agrees even where only the main process sees the run folder."""
+    where = s.resume
+    if s.resume == "auto" or restarted():
+        newest = checkpoint.newest(out) if PartialState().is_main_process else None
+        where = "latest" if broadcast_object_list([newest])[0] else ""
+    return together(checkpoint.find, where, out, trajectory) if where else None
+
+
 def claim(out: Path, info: dict, fresh: bool) -> None:
-    """Create the run folder and its config.json (main process); a fresh run may not reuse a run's folder."""
+    """Hold the run folder for this job, and write its config.json (main process); a fresh run may not reuse
+    a run's folder."""
     try:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        job.hold(out)
+        (out / "checkpoints").mkdir(exist_ok=True)
         write_atomic(out / "config.json", lambda p: p.write_text(json.dumps(info, indent=2)), exclusive=fresh)
     except FileExistsError:
         raise RunError(f"'{out}' already holds a run. To continue it, add --resume; to start anew, pass a new "
@@ -166,17 +188,16 @@ def claim(out: Path, info: dict, fresh: bool) -> None:
 def start_run(s: Settings) -> Run:
     """Process group, accelerator and run folder, with every input checked before anything is written."""
     t_start = psutil.Process().create_time()
-    if s.resume == "latest" and not s.output_dir:  # every rank alike, before any collective
-        raise RunError("--resume without a path needs --output-dir: the run folder to continue "
-                       "(or give it as --resume RUN_FOLDER).")
+    if s.resume in ("latest", "auto") and not s.output_dir:  # every rank alike, before any collective
+        raise RunError(f"--resume {'auto' if s.resume == 'auto' else 'without a path'} needs --output-dir: the run "
+                       "folder to continue" + (" (or give it as --resume RUN_FOLDER)." if s.resume == "latest" else "."))
+    check_launcher()
     stop = StopSignals()  # first: a launcher may forward a signal while the job is still starting
     keep_freed_memory()
-    die_with_launcher()
     threads = set_threads()
     cpu = use_cpu(torch.cuda.is_available())
     join_restarted_group(cpu, timedelta(seconds=s.timeout))
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=s.timeout))
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # a group torchrun restarted
     out = Path(broadcast_object_list([run_name(s)])[0])
     log_with = trackers(s.report_to)
     if "mlflow" in log_with:  # Accelerate gives MLflow no folder: its store goes into the run folder
@@ -200,11 +221,9 @@ def start_run(s: Settings) -> Run:
             "distributed_type": str(accelerator.distributed_type), "device": str(accelerator.device),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "torchvision": torchvision.__version__, "accelerate": accelerate.__version__}}
-    resume_from = None
-    if s.resume or (restarted and checkpoint.newest(out)):  # a restarted group continues on its own
-        resume_from = together(checkpoint.find, s.resume or "latest", out, {k: info[k] for k in TRAJECTORY})
+    resume_from = resume_point(s, out, {k: info[k] for k in TRAJECTORY})
     data_root = together(prepare_mnist, s.data_dir)  # safe on shared storage: a file lock, atomic renames
-    together(claim, out, info, not (resume_from or restarted), main_only=True)
+    together(claim, out, info, not (s.resume or restarted()), main_only=True)
     # "tensorboard" names TensorBoard's folder in the run; the other trackers get the project's name.
     accelerator.init_trackers("tensorboard", init_kwargs={"wandb": {"project": "mnist_dist", "name": out.name},
                                                           "mlflow": {"run_name": out.name}})
@@ -414,6 +433,7 @@ def train(s: Settings) -> dict:
                           f"{run.accelerator.mixed_precision} | global batch {run.info['global_batch']}, "
                           f"{len(parts.train)} steps/epoch | run folder {run.out}")
     last = None
+    job.training.set()  # a launcher that dies from now on gets a checkpoint
     while progress.epoch < run.s.epochs and not met(progress, run.s.target_acc):
         t0 = time.perf_counter()
         totals = train_epoch(run, parts, progress)
@@ -425,23 +445,17 @@ def train(s: Settings) -> dict:
     return finish(run, parts, progress, last)
 
 
-def say(message: str) -> None:
-    """Print on stderr once per job: every rank fails alike, the main process speaks."""
-    if os.environ.get("RANK", "0") == "0":
-        print(message, file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
     code = 0
     try:
         train(settings)
     except RunError as err:
-        say(f"mnist_dist: error: {err}")
+        job.say(f"mnist_dist: error: {err}")
         code = 2
     except Interrupted as stop:
         signum, saved = stop.args
-        say(f"mnist_dist: stopped by {signal.Signals(signum).name}; saved {saved}. "
+        job.say(f"mnist_dist: stopped by {signal.Signals(signum).name}; saved {saved}. "
             f"Continue with the same command plus --resume {saved}")
         code = 128 + signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     except (torch.distributed.DistError, RuntimeError) as err:

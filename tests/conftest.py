@@ -1,8 +1,10 @@
 """Shared pieces: the real MNIST files prepared once, and running the program as a user does."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,8 @@ from mnist_dist.model import Net
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+# A home of the suite's own: `accelerate launch` with no config must not find the user's default_config.yaml.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="mnist_dist-tests-hf-")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two test files run at a time (pytest-xdist), so each program started here gets one thread, as
     # OMP_NUM_THREADS gives it to a user who shares a machine: by default a trainer takes every core,
@@ -56,6 +60,12 @@ def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         if "steps/epoch" in line:  # training has started
             return job
     raise AssertionError(f"training never started (exit {job.wait()})")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

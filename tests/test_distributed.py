@@ -1,6 +1,7 @@
 """Two CPU processes over gloo: the same code path that NCCL runs on GPUs."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from accelerate.utils import is_fp8_available
 from safetensors.torch import load_file
 
-from mnist_dist.distributed import check_launch, use_cpu
+from mnist_dist.distributed import check_launch, check_launcher, use_cpu
 from mnist_dist.settings import RunError
 
 from conftest import ACCELERATE, REPO, count_correct, launch, launch_cmd, read_metrics, run, scalars, start, write_idx
@@ -244,3 +245,29 @@ def test_the_device_follows_an_explicit_cpu_request_even_beside_a_gpu():
     assert not use_cpu(cuda_available=True, env={"ACCELERATE_USE_CPU": "False"})
     assert not use_cpu(cuda_available=True, env={})
     assert use_cpu(cuda_available=False, env={})
+
+
+@pytest.mark.parametrize("launcher, says", [
+    (["--num_processes", "2"], "started one process, not the several asked for"),  # no --multi_gpu, no GPUs
+    (["--use_fsdp", "--num_processes", "2"], "FSDP shards large models"),
+    (["--use_megatron_lm", "--num_processes", "2"], "Megatron-LM shards large models"),
+])
+def test_a_launch_mode_that_would_train_the_wrong_thing_is_refused_in_one_line(tmp_path, mnist_root, launcher, says):
+    out = tmp_path / "r"
+    result = run([ACCELERATE, "launch", "-q", *launcher, "--main_process_port", "0", "-m", "mnist_dist.train",
+                  "--data-dir", str(mnist_root), "--output-dir", str(out)], timeout=120)
+    assert result.returncode != 0
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("mnist_dist: error:")]
+    assert says in error and "--multi_gpu" in error and "ACCELERATE_USE_CPU=1" in error, error
+    assert not re.search(r'File ".*mnist_dist/\w+\.py"', result.stderr)  # no traceback of ours
+    assert not out.exists()
+
+
+def test_deepspeed_is_refused_like_the_other_sharded_modes(monkeypatch):
+    """The launcher itself stops `--use_deepspeed` where DeepSpeed is not installed; where it is, it marks the
+    trainer's environment, and the trainer refuses."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RunError, match="DeepSpeed shards large models.*--multi_gpu"):
+        check_launcher()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    check_launcher()

@@ -3,7 +3,6 @@ worker killed under `--max_restarts`, and two machines (here: two launches on on
 a data folder."""
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ACCELERATE, REPO, count_correct, launch_cmd, read_metrics, run, start
+from conftest import ACCELERATE, REPO, count_correct, free_port, launch_cmd, read_metrics, run, start
 
 
 def trainers(job: subprocess.Popen) -> list[psutil.Process]:
@@ -31,12 +30,6 @@ def ignores(process: psutil.Process, signum: int) -> bool:
         return False
     mask = next(line for line in status.splitlines() if line.startswith("SigIgn:"))
     return bool(int(mask.split()[1], 16) >> (signum - 1) & 1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -1,4 +1,5 @@
-"""Imported at start-up by every Python process whose PYTHONPATH holds this folder (tests only).
+"""Imported at start-up by every Python process whose PYTHONPATH holds this folder (tests only): what the
+programs do, seen from inside, and faults triggered by the run reaching a named step.
 
 PROBE_LOG=DIR: each process appends what it writes (opens for writing, folders made, renames,
 links) to DIR/rank<RANK>.log, one path per line, through Python's audit hooks.
@@ -30,3 +31,32 @@ if LOG:
                 out.write(f"conv {output.dtype} batch {len(output)}\n")
 
         torch.nn.modules.module.register_module_forward_hook(record)
+
+# PROBE_KILL_LAUNCHER=WHEN: the trainer of rank 0 (never the launcher itself) kills its launcher with SIGKILL,
+# as the OOM killer or `kill -9` would, when the run reaches WHEN: "import:MODULE" (that import begins) or
+# "call:FUNCTION[:N]" (the N-th call of a Python function of that name, in the main thread).
+KILL = os.environ.get("PROBE_KILL_LAUNCHER")
+LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"} & os.environ.keys()
+if KILL and LAUNCHED and os.environ.get("RANK", "0") == "0":
+    import signal
+
+    launcher = os.getppid()
+    kind, name, *nth = KILL.split(":")
+    left = [int(nth[0]) if nth else 1]
+
+    def kill_launcher():
+        left[0] = 0
+        sys.stderr.write(f"probe: killing the launcher (PID {launcher}) at {KILL}\n")
+        os.kill(launcher, signal.SIGKILL)
+
+    if kind == "import":
+        sys.addaudithook(lambda event, args: event == "import" and args[0] == name and left[0] and kill_launcher())
+    else:
+        def on_call(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == name:
+                left[0] -= 1
+                if not left[0]:
+                    sys.setprofile(None)
+                    kill_launcher()
+
+        sys.setprofile(on_call)

@@ -1,0 +1,83 @@
+"""What ties a trainer to its job: it never outlives its launcher, and its run folder serves one job at a time.
+
+Imported by `mnist_dist.train` before torch, so that a launcher killed during the seconds of imports
+leaves no trainer behind either. Standard library only, for the same reason.
+"""
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from mnist_dist.settings import RunError
+
+try:
+    import fcntl
+except ImportError:  # Windows: the run folder is not locked there
+    fcntl = None
+
+# Set in the trainer's environment by `accelerate launch` and by torchrun, respectively.
+LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
+# Seconds a trainer whose launcher died has to save its checkpoint (at its next step) and exit. A save
+# takes about a second here; past this the trainer is taken to be stuck (in a collective, say) and exits.
+GRACE = 20
+# Set once the training loop polls for stop requests: a SIGTERM is then turned into a checkpoint.
+training = threading.Event()
+
+
+def say(message: str) -> None:
+    """Print on stderr once per job: every rank fails alike, the main process speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def _exit_orphaned(launcher: int, why: str) -> None:
+    say(f"mnist_dist: error: the launcher (PID {launcher}) is gone; {why}")
+    os._exit(1)
+
+
+def watch_launcher(every: float = 0.2) -> None:
+    """Under a launcher, end this process soon after the launcher dies, however it dies (kill -9, the OOM
+    killer, a node agent) and wherever the trainer is. A training run first gets SIGTERM, which it turns into
+    a checkpoint at its next step, as for any SIGTERM. Before training (imports, a process-group start waiting
+    on the dead launcher's store), or if the save takes over GRACE seconds, it exits with one line.
+
+    The launcher's death shows as a change of parent, wherever orphans go: PID 1, or a subreaper (systemd,
+    tini, a container runtime). Without a launcher it does nothing: `nohup python -m ...` outlives its shell.
+    """
+    if not LAUNCHED & os.environ.keys():
+        return
+    launcher = os.getppid()
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(every)
+        if not training.is_set():
+            _exit_orphaned(launcher, "it stopped before training began.")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(GRACE)  # the main thread exits after its save, ending this thread with it
+        _exit_orphaned(launcher, f"no checkpoint could be saved within {GRACE} s.")
+
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def hold(folder: Path) -> None:
+    """Hold `folder` for the rest of this process's life (the main process's): a second job on it is refused,
+    naming the holder's PID and host. The kernel releases the lock when the process dies, however it dies, so a
+    killed job never blocks the next one. Nothing is written before the folder is known to be free."""
+    if fcntl is None:
+        return
+    path = folder / "job.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunError(f"'{folder}' is in use by another job ({holder}). Wait for it to end or stop it; "
+                              "two jobs in one run folder would overwrite each other's checkpoints.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+             .encode())  # the descriptor stays open, and the lock held, until the process ends
