@@ -455,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
     except Interrupted as stop:
         signum, saved = stop.args
-        job.say(f"mnist_dist: stopped by {signal.Signals(signum).name}; saved {saved}. "
-            f"Continue with the same command plus --resume {saved}")
+        again = "the same command" + ("" if settings.resume == "auto" else f" plus --resume {saved}")
+        job.say(f"mnist_dist: stopped by {signal.Signals(signum).name}; saved {saved}. Continue with {again}")
         code = 128 + signum  # the shell convention: 130 for SIGINT, 143 for SIGTERM
     except (torch.distributed.DistError, RuntimeError) as err:
         if not (isinstance(err, torch.distributed.DistError) or "gloo" in str(err)):
