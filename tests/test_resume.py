@@ -1,13 +1,16 @@
 """Never lose a run: epoch checkpoints, exact resume, extended runs, refused resumes, SIGTERM."""
+import dataclasses
 import math
-import signal
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run, scalars, start
+from mnist_dist.checkpoint import PROGRESS, TRAJECTORY, find
+from mnist_dist.settings import RunError, Settings
+
+from conftest import POLL, at, read_metrics, run, scalars
 
 TIMING = {"seconds", "train_seconds", "elapsed"}
 
@@ -64,18 +67,61 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_to_the_end(tmp_path, mni
     out = tmp_path / "run"
     flags = ["--train-limit", "3000", "--test-limit", "200", "--epochs", "2", "--target-acc", "100",
              "--data-dir", str(mnist_root), "--output-dir", str(out)]
-    job = start([sys.executable, "-m", "mnist_dist.train", *flags])
-    job.send_signal(signal.SIGTERM)
-    output, _ = job.communicate(timeout=120)
-    assert job.returncode == 143, output
-    assert "stopped by SIGTERM" in output and "--resume" in output and "Traceback" not in output
-    saved = list((out / "checkpoints").glob("epoch_0000_step_*"))
-    assert len(saved) == 1 and not (out / "metrics.json").exists()
+    stopped = run([sys.executable, "-m", "mnist_dist.train", *flags], env=at(f"{POLL}:1", "TERM>self"))
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    saved = out / "checkpoints" / "epoch_0000_step_00010"  # the signal came at step 10's poll
+    assert f"mnist_dist: stopped by SIGTERM; saved {saved}. Continue with the same command plus --resume {saved}" \
+        in stopped.stderr and "Traceback" not in stopped.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [saved.name] and not (out / "metrics.json").exists()
 
-    resumed = train(*flags, "--resume", str(saved[0]))
+    resumed = train(*flags, "--resume", str(saved))
     assert resumed.returncode == 0, resumed.stderr
     m = read_metrics(out)
     # One continuous history: both epochs, the first one counting every image once.
     assert [e["epoch"] for e in m["epochs"]] == [1, 2]
     assert [e["train_images"] for e in m["epochs"]] == [3000, 3000]
     assert m["epochs"][1]["train_loss"] < m["epochs"][0]["train_loss"]
+
+
+def test_a_resumed_run_that_met_its_target_trains_no_further(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    flags = ["--train-limit", "640", "--test-limit", "100", "--target-acc", "5", "--data-dir", str(mnist_root),
+             "--output-dir", str(out)]
+    assert train(*flags, "--epochs", "1").returncode == 0
+    first = read_metrics(out)
+    resumed = train(*flags, "--epochs", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "after epoch 1" in resumed.stdout and "epoch  2/3" not in resumed.stdout
+    again = read_metrics(out)
+    assert again["epochs"] == first["epochs"] and again["stop_epoch"] == 1 and again["reached_target"]
+
+
+# Settings a resume may change, and why. Every other one fixes the trajectory (checkpoint.TRAJECTORY).
+MAY_CHANGE = {
+    "epochs": "a run may be extended", "target_acc": "or its target moved",
+    "global_batch_size": "resolved into batch_size, which is checked", "eval_batch_size": "the same counts",
+    "data_dir": "the same files anywhere", "output_dir": "where the run is", "resume": "how to find it",
+    "config": "read into the other settings", "report_to": "where it is logged",
+    "keep_checkpoints": "how many are kept", "timeout": "how long a collective waits",
+    "compile": "the same network, compiled"}
+
+
+def test_every_setting_either_fixes_the_trajectory_or_may_change_on_resume():
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    fixed = set(TRAJECTORY) - {"world_size"}  # world_size is the launch's, not a setting
+    assert fixed | MAY_CHANGE.keys() == fields and not fixed & MAY_CHANGE.keys()
+
+
+def test_every_trajectory_setting_is_refused_on_resume(tmp_path):
+    saved = {**dataclasses.asdict(Settings()), "world_size": 1, "mixed_precision": "no"}
+    saved = {k: saved[k] for k in TRAJECTORY}
+    folder = tmp_path / "checkpoints" / "epoch_0001"
+    folder.mkdir(parents=True)
+    torch.save({"trajectory": saved}, folder / PROGRESS)
+    (folder / "random_states_0.pkl").write_bytes(b"")
+    assert find("latest", tmp_path, saved) == folder
+    for key, value in saved.items():
+        other = (not value) if isinstance(value, bool) else value + (1 if isinstance(value, (int, float)) else "x")
+        with pytest.raises(RunError, match=f"with other settings: {key.replace('_', '-')} \\(saved {value!r}, "
+                                           f"given {other!r}\\)"):
+            find("latest", tmp_path, {**saved, key: other})

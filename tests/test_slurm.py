@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, read_metrics
+from conftest import REPO, free_port, read_metrics, wait_until
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 FLAGS = ["--epochs", "3", "--train-limit", "12000", "--test-limit", "500", "--target-acc", "100"]
@@ -55,15 +55,12 @@ def job_field(slurm: dict, job: str, name: str) -> str:
     return found.group(1) if found else ""
 
 
-def wait_for(what: str, test, deadline: float = 300, log: Path | None = None):
-    """Poll `test()` until it returns something true; fail loudly, with the job's log, past `deadline` s."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        if result := test():
-            return result
-        time.sleep(0.2)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out after {deadline} s waiting for {what}\n{tail}")
+def wait_for(what: str, test, deadline: float, log: Path):
+    """conftest.wait_until, with the job's log in the failure."""
+    try:
+        return wait_until(what, test, deadline, every=0.2)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{log.read_text()[-3000:] if log.exists() else ''}") from None
 
 
 def in_log(folder: Path, text: str):

@@ -4,17 +4,18 @@ import json
 import math
 import os
 import pty
+import select
 import struct
-import subprocess
 import sys
 import termios
+import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mnist_dist.train import reached
 
-from conftest import ACCELERATE, REPO, count_correct, launch, read_metrics
+from conftest import ACCELERATE, count_correct, launch, popen, read_metrics, run
 
 METRIC_KEYS = {"params", "target_acc", "reached_target", "stop_epoch", "world_size", "mixed_precision",
                "wall_seconds", "final_val_acc", "epochs"}
@@ -93,14 +94,15 @@ def test_run_folder_holding_a_run_is_refused(tmp_path, mnist_root):
     assert (out / "config.json").read_text() == "{}"
 
 
-def test_val_split_validates_on_held_out_training_images_and_tests_once(tmp_path, mnist_root):
+def test_val_split_on_two_processes_validates_on_held_out_training_images_and_tests_once(tmp_path, mnist_root):
     out = tmp_path / "run"
     result = launch(["--val-split", "500", "--epochs", "1", "--train-limit", "2000", "--test-limit", "300",
-                     "--data-dir", str(mnist_root), "--output-dir", str(out)])
+                     "--data-dir", str(mnist_root), "--output-dir", str(out)], processes=2)
     assert result.returncode == 0, result.stderr
     m = read_metrics(out)
     row = m["epochs"][0]
-    assert (row["val_total"], row["train_images"]) == (500, 1500)
+    # 1,500 images over 2 ranks x 64: 12 steps, the last padded with 36 repeats; the 500 validate exactly once.
+    assert (row["val_total"], row["train_images"]) == (500, 12 * 128)
     assert m["validation"] == "500 held-out training images"
     assert 0 <= m["test_acc"] <= 100 and f"test acc {m['test_acc']:.2f}%" in result.stdout
     assert count_correct(out / "model.safetensors", mnist_root, 300) == round(m["test_acc"] * 3)
@@ -112,10 +114,12 @@ def test_a_terminal_gets_a_progress_bar_with_throughput(tmp_path, mnist_root):
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 columns wide
     cmd = [sys.executable, "-m", "mnist_dist.train", "--epochs", "1", "--train-limit", "1280", "--test-limit", "100",
            "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "run")]
-    job = subprocess.Popen(cmd, stdout=terminal, stderr=terminal, cwd=REPO)
+    job = popen(cmd, stdout=terminal, stderr=terminal)
     os.close(terminal)
-    seen = b""
-    while True:
+    seen, end = b"", time.monotonic() + 300
+    while time.monotonic() < end:
+        if not select.select([controller], [], [], max(0.0, end - time.monotonic()))[0]:
+            continue  # the deadline passed: the assertions below fail
         try:
             chunk = os.read(controller, 4096)
         except OSError:  # the job closed the terminal
@@ -123,7 +127,7 @@ def test_a_terminal_gets_a_progress_bar_with_throughput(tmp_path, mnist_root):
         if not chunk:
             break
         seen += chunk
-    assert job.wait(timeout=120) == 0
+    assert job.wait(timeout=1) == 0
     text = seen.decode(errors="replace")
     assert "epoch 1:" in text and "img_s=" in text and "acc=" in text
     assert "epoch  1/1" in text  # the plain line is printed as well
@@ -140,11 +144,37 @@ CORES = len(os.sched_getaffinity(0))
 ])
 def test_every_core_is_used_unless_the_user_chose_the_threads(tmp_path, mnist_root, launcher, env, expected):
     out = tmp_path / "run"
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "ACCELERATE_USE_CPU")}
-    result = subprocess.run([ACCELERATE, "launch", "-q", *launcher, "-m", "mnist_dist.train", "--epochs", "1",
-                             "--train-limit", "128", "--test-limit", "100", "--data-dir", str(mnist_root),
-                             "--output-dir", str(out)], cwd=REPO, env={**clean, **env}, capture_output=True,
-                            text=True, timeout=300)
+    result = run([ACCELERATE, "launch", "-q", *launcher, "-m", "mnist_dist.train", "--epochs", "1", "--train-limit",
+                  "128", "--test-limit", "100", "--data-dir", str(mnist_root), "--output-dir", str(out)], timeout=300,
+                 env={"OMP_NUM_THREADS": None, "ACCELERATE_USE_CPU": None, **env})
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "config.json").read_text())["threads"] == expected
     assert f"{expected} thread(s) each" in result.stdout
+
+
+def test_the_torchvision_loader_scores_as_the_tensor_loader_does_and_report_to_none_logs_nothing(tmp_path, mnist_root):
+    """Without augmentation both input paths serve the same normalised images in the same order: the same
+    counts, and losses equal to float precision. `--report-to none` writes no tracker folder."""
+    flags = ["--epochs", "1", "--train-limit", "1280", "--test-limit", "300", "--rotation", "0", "--shift", "0",
+             "--data-dir", str(mnist_root)]
+    runs = {}
+    for loader in ("tensor", "torchvision"):
+        runs[loader] = out = tmp_path / loader
+        result = run([sys.executable, "-m", "mnist_dist.train", *flags, "--loader", loader, "--workers", "0",
+                      "--report-to", "none", "--output-dir", str(out)], timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert not (out / "tensorboard").exists()
+    tensor, vision = (read_metrics(runs[k])["epochs"][0] for k in ("tensor", "torchvision"))
+    assert (vision["train_images"], vision["val_total"]) == (tensor["train_images"], tensor["val_total"]) == (1280, 300)
+    assert vision["val_correct"] == tensor["val_correct"]
+    assert count_correct(runs["torchvision"] / "model.safetensors", mnist_root, 300) == vision["val_correct"]
+    for key in ("train_loss", "val_loss"):
+        assert vision[key] == pytest.approx(tensor[key], rel=1e-4), key
+
+
+def test_compile_trains_and_saves_weights_that_load(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    result = run([sys.executable, "-m", "mnist_dist.train", "--compile", "--epochs", "1", "--train-limit", "256",
+                  "--test-limit", "100", "--data-dir", str(mnist_root), "--output-dir", str(out)], timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert count_correct(out / "model.safetensors", mnist_root, 100) == read_metrics(out)["epochs"][0]["val_correct"]
