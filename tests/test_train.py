@@ -78,6 +78,10 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     assert lr[10] > lr[20]
     assert lr[30] == pytest.approx(0.0015 * 0.5 * (1 + math.cos(math.pi * 9 / 20)))
     assert lr[40] == pytest.approx(0.0015 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
+    # The per-epoch scalars at each epoch's last step, beside the epoch itself.
+    assert [(e.step, e.value) for e in acc.Scalars("epoch")] == [(20, 1), (40, 2)]
+    assert [(e.step, e.value) for e in acc.Scalars("val/acc")] == [
+        (20 * e["epoch"], pytest.approx(e["val_acc"])) for e in m["epochs"]]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "config.json").is_file()
     # The reported accuracy is that of the saved weights, to the image.
