@@ -136,7 +136,7 @@ def test_a_dead_rank_ends_the_whole_job_and_the_other_says_it_lost_it(tmp_path, 
     assert job.process.returncode == 1, output[-3000:]
     [lost] = [x for x in output.splitlines() if x.startswith("mnist_dist: error:")]
     assert lost.startswith("mnist_dist: error: process 0 lost the job's other processes ("), output[-3000:]
-    assert "Traceback" not in output
+    assert not re.search(r'File ".*mnist_dist/\w+\.py"', output)  # no traceback of ours (the agent prints its own)
 
 
 def test_fixed_global_batch_follows_the_one_process_trajectory(tmp_path, mnist_root):
