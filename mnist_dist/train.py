@@ -224,7 +224,7 @@ def build(run: Run) -> Parts:
     if tb := split_trackers(accelerator)[0]:
         tb.add_text("model/summary", "    " + table.replace("\n", "\n    "), 0)  # a markdown code block
     if s.sync_bn and accelerator.num_processes > 1:
-        model = sync_batchnorm(model)
+        model = sync_batchnorm(model, accelerator.device)
     if s.channels_last:
         model = to_channels_last(model)
     if s.compile:
