@@ -65,7 +65,8 @@ def test_a_run_waits_for_the_host_at_most_once_every_two_steps(tmp_path, mnist_r
     is once per poll (every 10 steps), a few per epoch, and set-up work on host tensors that a GPU run does
     not wait for either, but that the CPU cannot tell apart: torchsummary's table (about 70 calls).
     --report-to none: TensorBoard's figure of mistakes reads host copies, 2 calls per digit drawn.
-    The code before this test made about 4.5 calls per step: two per step index copies and counts alone."""
+    Measured: 116 calls here (0.39 per step); the code before (897ed7b) made 1,067 (3.6 per step): a copy of
+    each batch's indices, two tensors of counts per step, and a copy per evaluation batch."""
     counts = tmp_path / "counts"
     counts.mkdir()
     out = tmp_path / "run"
