@@ -18,7 +18,7 @@ python3 -c "from mnist_dist.data import prepare_mnist; prepare_mnist('$DATA_DIR'
 
 syncs() {  # syncs PRECISION [training flags...]: one process, every synchronising CUDA call counted
     python3 - "$@" <<'PY'
-import collections, json, runpy, sys, traceback, warnings
+import collections, json, pathlib, runpy, sys, traceback, warnings
 import torch
 precision, flags = sys.argv[1], sys.argv[2:]
 out = flags[flags.index("--output-dir") + 1]
@@ -37,8 +37,8 @@ try:
 except SystemExit as end:
     assert not end.code, f"training failed ({end.code})"
 torch.cuda.set_sync_debug_mode(0)
-m = json.load(open(out + "/metrics.json"))
-batch = json.load(open(out + "/config.json"))["batch_size"]
+m = json.loads(pathlib.Path(out, "metrics.json").read_text())  # no open file left: "always" shows ResourceWarnings
+batch = json.loads(pathlib.Path(out, "config.json").read_text())["batch_size"]
 steps = sum(-(-e["train_images"] // batch) for e in m["epochs"])
 print(f"SYNCS {precision}: {sum(where.values())} in {steps} steps and {len(m['epochs'])} evaluation(s), "
       f"{sum(where.values()) / steps:.3f} per step (goal: 1 per 10-step poll + 1 per evaluation); by place: "
