@@ -111,19 +111,47 @@ def random_affine(x: torch.Tensor, degrees: float, shift: float = 0.0) -> torch.
 
 
 class DeviceMNIST(Dataset):
-    """A split held as one normalised tensor. The DataLoader calls `__getitems__` with a whole batch of
-    indices, so a batch costs one gather and one batched rotation on the device."""
+    """A split held as one normalised tensor on the device. The DataLoader calls `__getitems__` with a whole
+    batch of positions, so a batch costs one gather and one batched rotation on the device.
+
+    Nothing of a batch comes from the host: a copy of its indices would make a GPU wait for the host every
+    step. `order` (position -> image: the epoch's permutation, or the identity) lives on the device, and a
+    batch of positions, consecutive numbers from the loader's sequential sampler, is a slice of it. After
+    `shuffle(seed)`, `set_epoch` (called by Accelerate's prepared loader at the start of every pass) draws
+    the very permutation its seedable sampler would, so runs keep that sampler's order to the bit."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0, shift: float = 0.0):
         self.x = ((images.float() / 255 - MEAN) / STD).unsqueeze(1).to(device)
         self.y = labels.to(device)
         self.rotation, self.shift = rotation, shift
+        self.seed = None  # set by shuffle()
+        self.set_epoch(0)
 
     def __len__(self) -> int:
         return len(self.y)
 
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(idx, device=self.y.device)
+    def shuffle(self, seed: int) -> "DeviceMNIST":
+        """Serve each epoch in the order of Accelerate's SeedableRandomSampler with data_seed `seed`."""
+        self.seed = seed
+        self.set_epoch(0)
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.seed is None:
+            self.order = torch.arange(len(self), device=self.y.device)
+        else:  # SeedableRandomSampler: torch.randperm from a CPU generator seeded with data_seed + epoch
+            perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(self.seed + epoch))
+            self.order = perm.to(self.y.device)  # one copy an epoch, before its first step
+
+    def subset(self, rows: torch.Tensor) -> "DeviceMNIST":
+        """These rows as a dataset of their own: what `Subset` serves, with the batches still slices."""
+        part = copy.copy(self)
+        part.x, part.y = self.x[rows], self.y[rows]
+        part.set_epoch(0)
+        return part
+
+    def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.cat([self.order[run] for run in consecutive_runs(positions)])
         x = self.x[idx]
         if self.rotation or self.shift:
             x = random_affine(x, self.rotation, self.shift)
@@ -132,6 +160,13 @@ class DeviceMNIST(Dataset):
     def __getitem__(self, i: int):
         x, y = self.__getitems__([i])
         return x[0], y[0]
+
+
+def consecutive_runs(positions: list[int]) -> list[slice]:
+    """[5, 6, 7, 0, 1] -> [slice(5, 8), slice(0, 2)]. A batch is one run, but for the last one of an epoch
+    sharded over processes, which Accelerate pads with positions from the start."""
+    starts = [i for i in range(len(positions)) if i == 0 or positions[i] != positions[i - 1] + 1]
+    return [slice(positions[a], positions[b - 1] + 1) for a, b in zip(starts, starts[1:] + [len(positions)])]
 
 
 def whole_batch(batch):
@@ -184,8 +219,17 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
     val = test
     if s.val_split:
-        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(s.seed)).tolist()
-        train_ds = Subset(train_ds, order[s.val_split:])
-        val = DataLoader(Subset(plain_ds, order[:s.val_split]), batch_size=s.eval_batch_size, shuffle=False, **kw)
-    train = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, **kw)
+        order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(s.seed))
+        held, kept = order[:s.val_split], order[s.val_split:]
+        if s.loader == "tensor":
+            train_ds, val_ds = train_ds.subset(kept), plain_ds.subset(held)
+        else:
+            train_ds, val_ds = Subset(train_ds, kept.tolist()), Subset(plain_ds, held.tolist())
+        val = DataLoader(val_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
+    if s.loader == "tensor":
+        # The dataset shuffles on the device; Accelerate's sampler (data_seed = s.seed too, train.sharding)
+        # then hands out positions in order, and shards and pads them, skips them on resume, as ever.
+        train = DataLoader(train_ds.shuffle(s.seed), batch_size=s.batch_size, shuffle=False, **kw)
+    else:
+        train = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, **kw)
     return train, val, (test if s.val_split else None)

@@ -87,9 +87,11 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return (x - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
 
 
-def sync_batchnorm(net: Net) -> Net:
-    """The same network with BatchNorm statistics shared by all processes (nn.SyncBatchNorm on CUDA)."""
-    if torch.cuda.is_available():
+def sync_batchnorm(net: Net, device: torch.device) -> Net:
+    """The same network with BatchNorm statistics shared by all processes: nn.SyncBatchNorm where the run
+    trains on CUDA, else ours. Chosen by the run's device, not the machine's: a gloo run on the CPU of a
+    GPU machine would fail in nn.SyncBatchNorm."""
+    if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(net)
     for i, layer in enumerate(net.layers):
         if isinstance(layer, nn.BatchNorm2d):

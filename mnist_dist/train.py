@@ -247,7 +247,7 @@ def build(run: Run) -> Parts:
     table = summary_table(model)
     accelerator.print(table)
     if s.sync_bn and accelerator.num_processes > 1:
-        model = sync_batchnorm(model)
+        model = sync_batchnorm(model, accelerator.device)
     if s.channels_last:
         model = to_channels_last(model)
     if s.compile:
@@ -304,10 +304,13 @@ def log(run: Run, values: dict, step: int) -> None:
 def poll(run: Run, progress: Progress, window: torch.Tensor, local: torch.Tensor, done: int, steps: int,
          lr: float) -> None:
     """Every POLL_STEPS steps, one small all-reduce: the global mean loss, and the flags every rank
-    must act on alike (a diverged loss, a failed log write, a stop signal)."""
+    must act on alike (a diverged loss, a failed log write, a stop signal). Its `.tolist()` is the one time
+    in POLL_STEPS steps that a GPU's host waits for the device."""
     acc, stop = run.accelerator, run.stop
-    flags = torch.cat([window, window.new_tensor([bool(run.log_error), bool(stop.received)])])
-    loss_sum, bad_loss, steps_summed, log_failed, interrupted = acc.reduce(flags, "sum").tolist()
+    # fill_ takes a number by value; a tensor made of the flags would be a copy from the host, and a wait.
+    window[3].fill_(bool(run.log_error))
+    window[4].fill_(bool(stop.received))
+    loss_sum, bad_loss, steps_summed, log_failed, interrupted = acc.reduce(window, "sum").tolist()
     if log_failed:
         last = checkpoint.newest(run.out)
         raise RunError(f"{run.log_error}; training stopped. " + (f"Once it can be written, continue with --resume "
@@ -333,8 +336,10 @@ def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float]:
     parts.model.train()
     parts.train.set_epoch(progress.epoch + 1)
     batches = acc.skip_first_batches(parts.train, done) if done else parts.train
-    local = torch.zeros(3, device=acc.device)  # this rank's loss x images, correct, images; no sync per step
-    window = torch.zeros(3, device=acc.device)  # since the last poll: loss sum, bad losses, steps
+    # Sums kept on the device, so that no step waits for it; `new_tensor(1)` would copy from the host.
+    local = torch.zeros(3, device=acc.device)  # this rank's loss x images, correct, images
+    window = torch.zeros(5, device=acc.device)  # since the last poll: loss sum, bad losses, steps; poll's 2 flags
+    one = torch.ones((), device=acc.device)
     show = acc.is_main_process and sys.stderr.isatty()
     bar = tqdm(batches, desc=f"epoch {progress.epoch + 1}", initial=done, total=steps, leave=False,
                disable=not show, unit="batch")
@@ -348,8 +353,8 @@ def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float]:
         parts.scheduler.step()
         done += 1
         loss = loss.detach()
-        local += torch.stack([loss * len(y), (logits.argmax(1) == y).sum(), loss.new_tensor(len(y))])
-        window += torch.stack([loss, ~(loss < DIVERGED), loss.new_tensor(1)])  # the flag is also set by nan
+        local += torch.stack([loss * len(y), (logits.argmax(1) == y).sum(), one * len(y)])
+        window[:3] += torch.stack([loss, ~(loss < DIVERGED), one])  # the flag is also set by nan
         if done % POLL_STEPS == 0 or done == steps:
             poll(run, progress, window, local, done, steps, parts.optimizer.param_groups[0]["lr"])
             if show:
