@@ -68,12 +68,6 @@ def in_log(folder: Path, text: str):
     return log.exists() and text in log.read_text()
 
 
-def release(slurm: dict, job: str, log: Path) -> None:
-    """Start a requeued job now: SLURM holds one back for a while (its BeginTime) before it runs again."""
-    wait_for("the job to be pending again", lambda: job_field(slurm, job, "JobState") == "PENDING", 120, log)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True, timeout=30)
-
-
 def finished(slurm: dict, job: str, log: Path) -> str:
     return wait_for("the job to end", lambda: job_field(slurm, job, "JobState") in ("COMPLETED", "FAILED",
                     "CANCELLED", "TIMEOUT") and job_field(slurm, job, "JobState"), 600, log)
@@ -91,7 +85,7 @@ def test_a_job_requeued_mid_run_continues_its_run_by_itself(slurm, tmp_path, mni
     wait_for("epoch 1 to end", lambda: in_log(tmp_path, "epoch  1/3"), 300, log)
     requeued = time.monotonic()
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=30)
-    release(slurm, job, log)
+    wait_for("the job to start again", lambda: in_log(tmp_path, "resumed from"), 300, log)
     assert finished(slurm, job, log) == "COMPLETED", log.read_text()[-3000:]
     output = log.read_text()
     assert job_field(slurm, job, "Restarts") == "1"
@@ -112,6 +106,6 @@ def test_scancel_saves_a_checkpoint_and_a_requeue_continues_it(slurm, tmp_path, 
     saved = [p.name for p in (out / "checkpoints").iterdir()]
     assert any(re.fullmatch(r"epoch_000[12]_step_\d+", name) for name in saved), (saved, log.read_text()[-3000:])
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=30)
-    release(slurm, job, log)
+    wait_for("the job to start again", lambda: in_log(tmp_path, "resumed from"), 300, log)
     assert finished(slurm, job, log) == "COMPLETED", log.read_text()[-3000:]
     assert_one_history(out, log.read_text())

@@ -20,6 +20,10 @@ SlurmctldHost=$host
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire before it runs again (SLURM's default: 120 s), then for the scheduler
+# (every 60 s by default): shorter waits, for trying it here.
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
