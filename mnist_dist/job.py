@@ -3,6 +3,7 @@
 Imported by `mnist_dist.train` before torch, so that a launcher killed during the seconds of imports
 leaves no trainer behind either. Standard library only, for the same reason.
 """
+import atexit
 import os
 import signal
 import socket
@@ -49,11 +50,14 @@ def watch_launcher(every: float = 0.2) -> None:
     """
     if not LAUNCHED & os.environ.keys():
         return
-    launcher = os.getppid()
+    launcher, exiting = os.getppid(), threading.Event()
+    # The thread ends before the interpreter does: one woken during its shutdown could be cut off mid-frame.
+    atexit.register(exiting.set)
 
     def watch():
         while os.getppid() == launcher:
-            time.sleep(every)
+            if exiting.wait(every):
+                return
         if not training.is_set():
             _exit_orphaned(launcher, "it stopped before training began.")
         os.kill(os.getpid(), signal.SIGTERM)

@@ -1,9 +1,6 @@
 """Two CPU processes over gloo: the same code path that NCCL runs on GPUs."""
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +13,8 @@ from safetensors.torch import load_file
 from mnist_dist.distributed import check_launch, check_launcher, use_cpu
 from mnist_dist.settings import RunError
 
-from conftest import (ACCELERATE, POLL, PROBE, REPO, Job, at, count_correct, launch, launch_cmd, read_metrics, run,
-                      scalars, write_idx)
+from conftest import (ACCELERATE, POLL, PROBE, REPO, Job, at, count_correct, free_port, launch, launch_cmd,
+                      read_metrics, run, scalars, write_idx)
 
 
 def test_two_processes_exact_metrics_one_writer_synchronized_stop(tmp_path, mnist_root):
@@ -104,15 +101,11 @@ def test_a_precision_this_machine_lacks_is_refused_in_one_line(tmp_path, mnist_r
 def test_plain_torchrun_on_cpu_runs_distributed(tmp_path, mnist_root):
     """Since Accelerate 1.13, CPU torchrun without ACCELERATE_USE_CPU can leave every rank believing it is
     alone; the job asks for the CPU explicitly when there is no GPU, so torchrun gives a real 2-process run."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "mnist_dist.train", "--epochs", "1", "--train-limit", "256", "--test-limit", "100",
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "mnist_dist.train", "--epochs", "1", "--train-limit", "256", "--test-limit", "100",
            "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")]
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
+    result = run(cmd, env={"ACCELERATE_USE_CPU": None}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert read_metrics(tmp_path / "r")["world_size"] == 2
 
 
