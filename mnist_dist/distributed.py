@@ -14,6 +14,7 @@ from mnist_dist.job import LAUNCHED
 from mnist_dist.settings import RunError
 
 # What to run instead, for the launches that check_launch refuses.
+GPU_PROCESSES = "accelerate launch --multi_gpu --num_processes N -m mnist_dist.train"
 CPU_PROCESSES = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m mnist_dist.train"
 # Accelerate's launcher marks these modes in the trainer's environment.
 SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
@@ -120,14 +121,12 @@ def check_launcher() -> None:
     train the wrong thing or fail later in a traceback. Every rank alike."""
     if one_process_for_several():
         raise RunError("accelerate launch started one process, not the several asked for: it runs several only "
-                       "with --multi_gpu. Use 'accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' "
-                       f"on GPUs, '{CPU_PROCESSES}' without them.")
+                       f"with --multi_gpu. Use '{GPU_PROCESSES}' on GPUs, '{CPU_PROCESSES}' without them.")
     sharded = [name for var, name in SHARDED.items() if os.environ.get(var, "").lower() in ("1", "true")]
     if sharded:
         raise RunError(f"{sharded[0]} shards large models over processes; this network's 9,720 parameters have "
                        "nothing to shard, and every process holds them whole under DDP. Launch with --multi_gpu "
-                       "instead: 'accelerate launch --multi_gpu --num_processes N -m mnist_dist.train' on GPUs, "
-                       f"'{CPU_PROCESSES}' without them.")
+                       f"instead: '{GPU_PROCESSES}' on GPUs, '{CPU_PROCESSES}' without them.")
 
 
 def check_launch(state: PartialState, mixed_precision: str) -> None:
