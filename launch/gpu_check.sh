@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Prepared GPU check of the goal, on one GPU, in about 5 minutes (at most 8 on an H100-class GPU):
+# Prepared GPU check of the goal, on one GPU: 4 short runs and 12 to the target, about 8 minutes if a run takes
+# the 35 s measured on an H200 before this check compared graphs (not yet timed itself):
 #   1. host waits per training step, counted by CUDA itself (torch.cuda.set_sync_debug_mode("warn")) over a
 #      200-step run with its evaluation, in fp32 and bf16, with where each one comes from;
 #   2. time to the target (99.41%) for seeds 1-3 in fp32 and bf16: training only, training and evaluation,
 #      and process start to stop; train images/s;
+#   1 and 2 each eager and with --cuda-graphs (CUDA graphs), side by side;
 #   3. with two or more GPUs, 2-process DDP, which must stop on the same epoch as one GPU in fp32.
-# Prints SYNCS and SUMMARY lines; never part of CI. The CUDA-graph step is not built yet: nothing to compare.
+# Prints SYNCS, SUMMARY and GOAL lines; never part of CI.
 #   DATA_DIR=data launch/gpu_check.sh [extra training flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,33 +70,41 @@ run() {  # run NAME "ACCELERATE LAUNCH FLAGS" [training flags...]
     summary "$RUNS/$name"
 }
 
+mode_flags() { [ "$1" = graphs ] && echo --cuda-graphs || true; }
 for p in no bf16; do
-    syncs "$p" --epochs 1 --train-limit 12800 --target-acc 100 --report-to none \
-        --data-dir "$DATA_DIR" --output-dir "$RUNS/syncs-$p" "$@"
+    for mode in eager graphs; do
+        # shellcheck disable=SC2046  # no words or one
+        syncs "$p" --epochs 1 --train-limit 12800 --target-acc 100 --report-to none $(mode_flags $mode) \
+            --data-dir "$DATA_DIR" --output-dir "$RUNS/syncs-$p-$mode" "$@"
+    done
 done
 for p in no bf16; do
     for seed in 1 2 3; do
-        run "1gpu-$p-seed$seed" "--num_processes 1 --mixed_precision $p" --seed "$seed" "$@"
+        for mode in eager graphs; do  # alternating, so that a slower moment of the machine slows both
+            # shellcheck disable=SC2046
+            run "1gpu-$p-$mode-seed$seed" "--num_processes 1 --mixed_precision $p" --seed "$seed" $(mode_flags $mode) "$@"
+        done
     done
 done
 python3 - "$RUNS" <<'PY'
 import glob, json, statistics, sys
 for p in ("no", "bf16"):
-    ms = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/1gpu-{p}-seed*/metrics.json"))]
-    hit = [m for m in ms if m["reached_target"]]
-    if hit:
-        print(f"GOAL precision {p}: {len(hit)}/{len(ms)} seeds reached; median seconds to the target, training only "
-              f"{statistics.median(sum(e['train_seconds'] for e in m['epochs']) for m in hit):.2f}, process start to "
-              f"stop {statistics.median(m['epochs'][-1]['elapsed'] for m in hit):.1f}")
-    else:
-        print(f"GOAL precision {p}: 0/{len(ms)} seeds reached")
+    for mode in ("eager", "graphs"):
+        ms = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/1gpu-{p}-{mode}-seed*/metrics.json"))]
+        hit = [m for m in ms if m["reached_target"]]
+        line = f"GOAL precision {p}, {mode}: {len(hit)}/{len(ms)} seeds reached (stop epochs {[m['stop_epoch'] for m in ms]})"
+        if hit:
+            line += (f"; median seconds to the target, training only "
+                     f"{statistics.median(sum(e['train_seconds'] for e in m['epochs']) for m in hit):.2f}, process "
+                     f"start to stop {statistics.median(m['epochs'][-1]['elapsed'] for m in hit):.1f}")
+        print(line)
 PY
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     # The same global batch as the one-GPU default (64): 32 per process.
     run "2gpu-no" "--multi_gpu --num_processes 2 --mixed_precision no" --global-batch-size 64 "$@"
     python3 - "$RUNS" <<'PY'
 import json, sys
-one = json.load(open(sys.argv[1] + "/1gpu-no-seed1/metrics.json"))["stop_epoch"]
+one = json.load(open(sys.argv[1] + "/1gpu-no-eager-seed1/metrics.json"))["stop_epoch"]
 two = json.load(open(sys.argv[1] + "/2gpu-no/metrics.json"))["stop_epoch"]
 print(f"DDP 2 GPUs stop epoch {two} vs 1 GPU {one}: {'same' if one == two else 'DIFFERENT'}")
 PY

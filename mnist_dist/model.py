@@ -99,3 +99,25 @@ def sync_batchnorm(net: Net, device: torch.device) -> Net:
             synced.load_state_dict(layer.state_dict())
             net.layers[i] = synced
     return net
+
+
+def graph_training_step(net: Net, batch: int, device: torch.device, precision: str) -> Net:
+    """The network with its training forward and backward each replayed as one CUDA graph for full batches of
+    `batch` images (torch.cuda.make_graphed_callables, before DDP wraps the network: gradients still reach
+    DDP's hooks). Any other shape (an epoch's shorter last batch) and evaluation run eagerly. A step then costs
+    two graph launches instead of some hundred kernel launches. The capture's three warm-up passes would move
+    the BatchNorm statistics: they are put back, so the run trains from the same state as without graphs."""
+    net = net.to(device).train()
+    eager, saved = net.forward, [b.clone() for b in net.buffers()]
+    sample = torch.zeros(batch, 1, 28, 28, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # The kernels are fixed at capture: a mixed-precision run captures them under autocast, whose weight cache
+    # a graph cannot use (PyTorch asks for cache_enabled=False).
+    with torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext():
+        torch.cuda.make_graphed_callables(net, (sample,))
+    with torch.no_grad():
+        for buffer, value in zip(net.buffers(), saved):
+            buffer.copy_(value)
+    graphed = net.forward  # falls back to `eager` by itself in eval mode
+    net.forward = lambda x: graphed(x) if x.shape == sample.shape else eager(x)
+    return net

@@ -84,6 +84,8 @@ class Settings:
                                 "--global-batch-size, N processes then follow the one-process run")
     channels_last: bool = _opt(True, "NHWC memory layout for the convolutions after the first block")
     compile: bool = _opt(False, "torch.compile the network")
+    cuda_graphs: bool = _opt(False, "replay each full training batch's forward and backward as CUDA graphs "
+                                    "(CUDA only; off by default until measured on a GPU)")
     mixed_precision: str = _opt("", "'no', 'bf16', 'fp16' or 'fp8'; empty = take it from accelerate "
                                     "launch or its config", choices=["", "no", "bf16", "fp16", "fp8"])
     resume: str = _opt("", "continue a run: alone, from the newest checkpoint of --output-dir; with a "
@@ -112,6 +114,9 @@ class Settings:
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (self.timeout >= 1, "--timeout must be at least 1 second"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (not (self.cuda_graphs and self.compile), "--cuda-graphs and --compile each replace the eager step; "
+                                                      "choose one"),
+            (not (self.cuda_graphs and self.loader == "torchvision"), "--cuda-graphs needs --loader tensor"),
         ]:
             if not ok:
                 raise RunError(message)

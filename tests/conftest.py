@@ -107,7 +107,11 @@ class Job:
 
     def finish(self, deadline: float = 300) -> str:
         """The whole output, once the command and every process holding its output have ended."""
-        self.process.wait(timeout=deadline)
+        try:
+            self.process.wait(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{' '.join(map(str, self.process.args))} ran past its {deadline} s deadline\n"
+                                 f"{self.output[-3000:]}") from None
         with self.changed:
             if not self.changed.wait_for(lambda: None in self.lines, timeout=deadline):
                 raise AssertionError(f"processes outlived the command by {deadline} s\n{self.output[-3000:]}")
@@ -139,13 +143,6 @@ def at(when: str, do: str, rank: int = 0) -> dict:
     """The environment of a fault sent by the run itself (tests/probe/sitecustomize.py): `do` ("SIGNAL>TARGET")
     once rank `rank` reaches `when`, so that it lands at the same step on a machine of any speed."""
     return {"PYTHONPATH": PROBE, "PROBE_AT": when, "PROBE_DO": do, "PROBE_RANK": str(rank)}
-
-
-def start(cmd: list[str], env: dict | None = None) -> Job:
-    """Start a command in the background and wait until it trains."""
-    job = Job(cmd, env)
-    job.wait_for("steps/epoch")
-    return job
 
 
 def wait_until(what: str, test, deadline: float = 300, every: float = 0.05):

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import POLL, PROBE, SAVE, Job, at, launch_cmd, read_metrics, run
-FLAGS = ["--epochs", "3", "--train-limit", "3000", "--test-limit", "200", "--target-acc", "100"]
+FLAGS = ["--epochs", "2", "--train-limit", "3000", "--test-limit", "200", "--target-acc", "100"]
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_a_launcher_killed_at_any_moment_leaves_no_trainer_and_the_run_continues
     assert "Traceback" not in text, text[-3000:]
     if moment in (f"{POLL}:2", SAVE):  # training: a checkpoint at the next poll, and the usual line
         [saved] = re.findall(r"mnist_dist: stopped by SIGTERM; saved (\S+)\.", text)
-        assert re.fullmatch(r"epoch_000[0-2]_step_\d{5}", os.path.basename(saved)) and os.path.isdir(saved), saved
+        assert re.fullmatch(r"epoch_000[01]_step_\d{5}", os.path.basename(saved)) and os.path.isdir(saved), saved
     else:  # starting: nothing to save
         assert text.count("mnist_dist: error: the launcher") == 1, text[-3000:]
         assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
@@ -64,7 +64,7 @@ def test_a_launcher_killed_at_any_moment_leaves_no_trainer_and_the_run_continues
     resumed = run(cmd, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     history = read_metrics(out)["epochs"]
-    assert [e["epoch"] for e in history] == [1, 2, 3]
+    assert [e["epoch"] for e in history] == [1, 2]
     assert {e["train_images"] for e in history} == {24 * 64 * 2}  # every image once, whatever was interrupted
     print(f"launcher killed at {moment}: every trainer gone {gone:.1f} s later; --resume auto to the end "
           f"{time.monotonic() - started:.1f} s")

@@ -1,13 +1,9 @@
 """What the trackers receive, offline: W&B through `accelerate launch`, every tracker on the global optimizer step,
 and a resumed run logging each step once (TensorBoard's own reader, W&B's offline files)."""
-import contextlib
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +12,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb.proto import wandb_internal_pb2
 
-from conftest import REPO, launch, read_metrics, run
+from conftest import POLL, Job, at, launch, read_metrics, run
 
 # 1,280 images in batches of 64: 20 optimizer steps an epoch, polled (step/loss) every 10.
 FLAGS = ["--train-limit", "1280", "--test-limit", "200", "--target-acc", "100", "--rotation", "0", "--shift", "0",
@@ -72,26 +68,11 @@ def assert_no_dropped_records(wandb_dir: Path) -> None:
 
 
 def stop_in_epoch_2(args: list[str]) -> tuple[int, str]:
-    """Run the trainer in its own session and send it SIGTERM once it has printed epoch 1's line: it stops at
-    the next poll, 10 steps into epoch 2. Returns (exit status, output). Its process group is killed at the
-    end, or after 300 s if it hangs."""
-    job = subprocess.Popen([sys.executable, "-m", "mnist_dist.train", *args], cwd=REPO, text=True,
-                           env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE}, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = threading.Timer(300, os.killpg, (job.pid, signal.SIGKILL))
-    deadline.start()
-    output = ""
-    try:
-        for line in job.stdout:
-            if line.startswith("epoch  1/") and "epoch  1/" not in output:
-                job.send_signal(signal.SIGTERM)
-            output += line
-        job.wait(timeout=60)
-    finally:
-        deadline.cancel()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # W&B's service process, if it outlived the trainer
-    return job.returncode, output
+    """Run the trainer and have it send itself SIGTERM at its third poll (step 30, 10 steps into epoch 2): it
+    stops there, at any speed. Returns (exit status, output)."""
+    job = Job([sys.executable, "-m", "mnist_dist.train", *args], env={**OFFLINE, **at(f"{POLL}:3", "TERM>self")})
+    output = job.finish()
+    return job.process.returncode, output
 
 
 def train(*args) -> subprocess.CompletedProcess:

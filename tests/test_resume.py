@@ -103,7 +103,7 @@ MAY_CHANGE = {
     "data_dir": "the same files anywhere", "output_dir": "where the run is", "resume": "how to find it",
     "config": "read into the other settings", "report_to": "where it is logged",
     "keep_checkpoints": "how many are kept", "timeout": "how long a collective waits",
-    "compile": "the same network, compiled"}
+    "compile": "the same network, compiled", "cuda_graphs": "the same kernels, replayed"}
 
 
 def test_every_setting_either_fixes_the_trajectory_or_may_change_on_resume():

@@ -1,6 +1,8 @@
 """launch/slurm.sbatch as written, on a real one-node SLURM cluster (tests/slurm/cluster.sh) with two CPU
 processes: a job requeued mid-run, as preemption or a node failure requeues it, continues its run by itself,
-and `scancel --signal=TERM` saves a checkpoint through srun and the launcher."""
+and `scancel --signal=TERM` saves a checkpoint through srun and the launcher. Rank 0 pauses at step 10 of
+epoch 2 (tests/probe/sitecustomize.py) until the signal comes, so that the signal lands at that step on a
+machine of any speed."""
 import os
 import re
 import shutil
@@ -11,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, read_metrics, wait_until
+from conftest import POLL, REPO, at, free_port, read_metrics, wait_until
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
-FLAGS = ["--epochs", "3", "--train-limit", "12000", "--test-limit", "500", "--target-acc", "100"]
+FLAGS = ["--epochs", "3", "--train-limit", "3000", "--test-limit", "500", "--target-acc", "100"]
+# 3000 images in steps of 64 per rank over 2 ranks: 24 steps per epoch (Accelerate pads the last), polled
+# at steps 10, 20 and 24, so the 4th poll is step 10 of epoch 2. The job's first start pauses there.
+PAUSE = at(f"{POLL}:4", "PAUSE")
+STOPPED_AT = "epoch_0001_step_00010"  # the checkpoint that the signal saves there
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +43,13 @@ def slurm(tmp_path_factory):
     subprocess.run([str(CLUSTER), "stop", str(folder)], env=env, timeout=60)
 
 
-def sbatch(slurm: dict, folder: Path, data: Path, *flags: str) -> str:
-    """Submit launch/slurm.sbatch with 2 CPU processes, run from `folder`; the job id."""
+def sbatch(slurm: dict, folder: Path, data: Path, *flags: str, env: dict | None = None) -> str:
+    """Submit launch/slurm.sbatch with 2 CPU processes, run from `folder`, with `env` added to the environment
+    that sbatch passes on to the job; the job id."""
     cmd = ["sbatch", "--parsable", "--nodes", "1", "--gres=none", "--chdir", str(folder),
            "--output", str(folder / "job.log"), str(REPO / "launch" / "slurm.sbatch"), *FLAGS, *flags,
            "--data-dir", str(data)]
-    submitted = subprocess.run(cmd, env={**slurm, "ACCELERATE_USE_CPU": "1", "GPUS_PER_NODE": "2"},
+    submitted = subprocess.run(cmd, env={**slurm, "ACCELERATE_USE_CPU": "1", "GPUS_PER_NODE": "2", **(env or {})},
                                capture_output=True, text=True, timeout=30)
     assert submitted.returncode == 0, submitted.stderr
     return submitted.stdout.strip().split(";")[0]
@@ -79,10 +86,17 @@ def assert_one_history(out: Path, output: str) -> None:
     assert len({e["train_images"] for e in m["epochs"]}) == 1  # the interrupted epoch counted every image once
 
 
+def assert_continued(output: str) -> None:
+    """The signal stopped the first start at the pause, and the next start continued from there."""
+    assert output.count("probe: paused at") == 1, output[-3000:]
+    assert re.search(rf"stopped by SIGTERM; saved \S*/{STOPPED_AT}\. ", output), output[-3000:]
+    assert re.search(rf"resumed from \S*/{STOPPED_AT} after epoch 1, step 10\n", output), output[-3000:]
+
+
 def test_a_job_requeued_mid_run_continues_its_run_by_itself(slurm, tmp_path, mnist_root):
     log = tmp_path / "job.log"
-    job = sbatch(slurm, tmp_path, mnist_root)
-    wait_for("epoch 1 to end", lambda: in_log(tmp_path, "epoch  1/3"), 300, log)
+    job = sbatch(slurm, tmp_path, mnist_root, env=PAUSE)
+    wait_for("rank 0 to pause in epoch 2", lambda: in_log(tmp_path, "probe: paused at"), 300, log)
     requeued = time.monotonic()
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=30)
     wait_for("the job to start again", lambda: in_log(tmp_path, "resumed from"), 300, log)
@@ -90,22 +104,24 @@ def test_a_job_requeued_mid_run_continues_its_run_by_itself(slurm, tmp_path, mni
     output = log.read_text()
     assert job_field(slurm, job, "Restarts") == "1"
     assert output.count("stopped by SIGTERM; saved") == 1  # the requeue's SIGTERM: a checkpoint first
-    resumed = re.search(r"resumed from \S+ after epoch (\d+)", output)
-    assert resumed and int(resumed.group(1)) < 3, output[-3000:]
+    assert_continued(output)
     assert_one_history(tmp_path / "runs" / f"slurm-{job}", output)
     print(f"requeued mid-run: job {job} continued and completed {time.monotonic() - requeued:.1f} s later")
 
 
 def test_scancel_saves_a_checkpoint_and_a_requeue_continues_it(slurm, tmp_path, mnist_root):
     log = tmp_path / "job.log"
-    job = sbatch(slurm, tmp_path, mnist_root)
-    wait_for("epoch 1 to end", lambda: in_log(tmp_path, "epoch  1/3"), 300, log)
+    job = sbatch(slurm, tmp_path, mnist_root, env=PAUSE)
+    wait_for("rank 0 to pause in epoch 2", lambda: in_log(tmp_path, "probe: paused at"), 300, log)
     subprocess.run(["scancel", "--signal=TERM", job], env=slurm, check=True, timeout=30)
-    assert finished(slurm, job, log) != "COMPLETED"
+    assert finished(slurm, job, log) == "FAILED", log.read_text()[-3000:]  # exit 143 (SIGTERM), through srun
     out = tmp_path / "runs" / f"slurm-{job}"
-    saved = [p.name for p in (out / "checkpoints").iterdir()]
-    assert any(re.fullmatch(r"epoch_000[12]_step_\d+", name) for name in saved), (saved, log.read_text()[-3000:])
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert saved == ["epoch_0001", STOPPED_AT], (saved, log.read_text()[-3000:])
     subprocess.run(["scontrol", "requeue", job], env=slurm, check=True, timeout=30)
     wait_for("the job to start again", lambda: in_log(tmp_path, "resumed from"), 300, log)
     assert finished(slurm, job, log) == "COMPLETED", log.read_text()[-3000:]
-    assert_one_history(out, log.read_text())
+    output = log.read_text()
+    assert job_field(slurm, job, "Restarts") == "1"
+    assert_continued(output)
+    assert_one_history(out, output)
