@@ -34,9 +34,25 @@ def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _exit_orphaned(launcher: int, why: str) -> None:
-    say(f"mnist_dist: error: the launcher (PID {launcher}) is gone; {why}")
+def _exit_orphaned(launcher: int | None, why: str) -> None:
+    say(f"mnist_dist: error: the launcher{f' (PID {launcher})' if launcher else ''} is gone; {why}")
     os._exit(1)
+
+
+def _agent_gone() -> bool:
+    """Whether torchrun's agent (also `accelerate launch --multi_gpu`'s) died before this trainer began to watch
+    it: in a trainer's first milliseconds the change of parent may already have happened. The agent hosts the
+    job's store (TORCHELASTIC_USE_AGENT_STORE) from before it starts the trainers, so nothing listening at
+    MASTER_ADDR:MASTER_PORT means it is gone. Any other doubt counts as alive."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    try:
+        socket.create_connection((os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    except (OSError, KeyError, ValueError):
+        pass
+    return False
 
 
 def watch_launcher(every: float = 0.2) -> None:
@@ -51,6 +67,8 @@ def watch_launcher(every: float = 0.2) -> None:
     if not LAUNCHED & os.environ.keys():
         return
     launcher, exiting = os.getppid(), threading.Event()
+    if _agent_gone():
+        _exit_orphaned(None, "it stopped before training began.")
     # The thread ends before the interpreter does: one woken during its shutdown could be cut off mid-frame.
     atexit.register(exiting.set)
 

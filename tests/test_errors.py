@@ -106,10 +106,10 @@ def tmpfs(folder, size: str):
 
 
 def pause_then(job: Job, change) -> None:
-    """Once the job's paused trainer (PROBE_DO=PAUSE) says so, `change()` the world, and let it go on (SIGCONT)."""
+    """Once the job's paused trainer (PROBE_DO=PAUSE) says so, `change()` the world, and let it go on (SIGUSR2)."""
     pid = int(re.search(r"\(PID (\d+)\)", job.wait_for("probe: paused at"))[1])
     change()
-    os.kill(pid, signal.SIGCONT)
+    os.kill(pid, signal.SIGUSR2)
 
 
 @needs_mount

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import POLL, PROBE, SAVE, Job, at, launch_cmd, read_metrics, run
+from conftest import POLL, PROBE, SAVE, Job, at, free_port, launch_cmd, read_metrics, run
 FLAGS = ["--epochs", "2", "--train-limit", "3000", "--test-limit", "200", "--target-acc", "100"]
 
 
@@ -94,3 +94,14 @@ def test_a_second_job_on_a_run_folder_in_use_is_refused_naming_the_first(tmp_pat
     resumed = run([sys.executable, "-m", "mnist_dist.train", *flags, "--epochs", str(done + 1), "--resume"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [e["epoch"] for e in read_metrics(out)["epochs"]] == list(range(1, done + 2))
+
+
+def test_a_trainer_started_after_its_agent_died_exits_at_once(tmp_path):
+    """The moment before a trainer begins to watch its parent: torchrun's agent, which hosts the job's store at
+    MASTER_ADDR:MASTER_PORT, already gone (here: nothing listens there). The trainer leaves before its imports."""
+    agent = {"TORCHELASTIC_RUN_ID": "gone", "TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "2"}
+    result = run([sys.executable, "-m", "mnist_dist.train", "--output-dir", str(tmp_path / "run")], env=agent, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "mnist_dist: error: the launcher is gone; it stopped before "
+                                                     "training began.\n"), result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

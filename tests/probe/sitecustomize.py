@@ -12,9 +12,9 @@ runs every 10 steps and at each epoch's last step, accelerate.accelerator.save_s
 SIGNAL is KILL, TERM or INT; TARGET is self, launcher (the trainer's parent) or job (every process of the job's
 process group: launcher, trainers, DataLoader workers, as a scheduler's scancel signals them).
 PAUSE: the trainer writes "probe: paused at WHEN (PID N)" to stderr and waits there until a signal with a Python
-handler arrives (the trainer's SIGTERM/SIGINT, which only record it, or SIGCONT), then goes on: a test sends a
+handler arrives (the trainer's SIGTERM/SIGINT, which only record it, or SIGUSR2), then goes on: a test sends a
 signal from outside (scancel, scontrol requeue) at that very step, or changes the world (fills a disk) and
-sends SIGCONT. Past PROBE_PAUSE_MAX seconds (default 120) with none,
+sends SIGUSR2. Past PROBE_PAUSE_MAX seconds (default 120) with none,
 it says so and exits 1: a lost signal fails the test instead of hanging it. The other ranks wait meanwhile
 in their next collective (the trainer's --timeout, 120 s by default).
 """
@@ -72,13 +72,14 @@ def pause(at: str) -> None:
     r, w = os.pipe()
     os.set_blocking(w, False)  # set_wakeup_fd's demand: a handler must never block on it
     old = signal.set_wakeup_fd(w)
-    cont = signal.signal(signal.SIGCONT, lambda *_: None)  # a handler, so that SIGCONT wakes the pause too
+    # A handler, so that SIGUSR2 wakes the pause too. Not SIGCONT: SLURM sends it before the SIGTERM of a requeue.
+    wake = signal.signal(signal.SIGUSR2, lambda *_: None)
     try:
         sys.stderr.write(f"probe: paused at {at} (PID {os.getpid()})\n")
         sys.stderr.flush()
         woken = select.select([r], [], [], limit)[0]
     finally:
-        signal.signal(signal.SIGCONT, cont)
+        signal.signal(signal.SIGUSR2, wake)
         signal.set_wakeup_fd(old)
         os.close(r)
         os.close(w)
