@@ -2,11 +2,15 @@
 
     python -m mnist_dist.bench                # 10 seeds of the package, 3 of the baseline
     python -m mnist_dist.bench --seeds 3 --baseline-runs 1 --markdown /tmp/b.md
+    python -m mnist_dist.bench --baseline-ref 897ed7b --baseline-runs 10 --markdown /tmp/b.md  # an older version
 
 The package runs as users run it, `accelerate launch -q -m mnist_dist.train` with no accelerate config;
 the seed-style baseline as the seed ran it, in a plain `python` process. Runs alternate (baseline seed 1,
 package seed 1, baseline seed 2, ...) so that a noisy machine slows both alike. Writes medians over runs
 as a markdown table, every run, and a plot of test accuracy against wall-clock seconds.
+
+With `--baseline-ref REF` the baseline is instead the package's own command at git commit REF, run from an
+export of that commit: a change's effect on speed and stop epochs, measured side by side.
 """
 import argparse
 import json
@@ -38,12 +42,24 @@ LAUNCH = {"baseline": [sys.executable, "-m", "mnist_dist.train"],
 ELSEWHERE = "## Measured elsewhere"
 
 
-def run_once(args: list[str], seed: int, data_dir: str, workdir: Path, name: str) -> dict:
-    """One run; its metrics plus `launch_seconds`, the wall time of the whole command."""
+def export(ref: str, workdir: Path) -> Path:
+    """The package's source at git commit `ref`, in a folder of `workdir`: a trainer started there with
+    `-m` imports it, not the installed package (the current folder comes first on `sys.path`)."""
+    folder = workdir / f"source-{ref}"
+    folder.mkdir()
+    tar = subprocess.run(["git", "archive", "--format=tar", ref, "mnist_dist"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=tar, check=True)
+    return folder
+
+
+def run_once(launch: list[str], args: list[str], seed: int, data_dir: str, workdir: Path, name: str,
+             cwd: Path | None = None) -> dict:
+    """One run, from `cwd` if given; its metrics plus `launch_seconds`, the wall time of the whole command."""
     out = workdir / f"{name}-seed{seed}"
-    cmd = [*LAUNCH[name], *args, "--seed", str(seed), "--data-dir", data_dir, "--output-dir", str(out)]
+    cmd = [*launch, *args, "--seed", str(seed), "--data-dir", str(Path(data_dir).resolve()),
+           "--output-dir", str(out)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=cwd)
     seconds = time.perf_counter() - t0
     return {**json.loads((out / "metrics.json").read_text()), "launch_seconds": seconds}
 
@@ -83,7 +99,8 @@ def report(results: dict[str, list[dict]], args) -> str:
         ("seconds from launch to exit", lambda x: f"{x['launch_to_exit']:.1f}", "launch_to_exit"),
         ("final test accuracy (median, %)", lambda x: f"{x['final_acc']:.2f}", None),
     ]
-    lines = ["| measure | baseline (seed-style, `python`) | package (`accelerate launch`, no config) | package / baseline |",
+    base = f"package at {args.baseline_ref}" if args.baseline_ref else "baseline (seed-style, `python`)"
+    lines = [f"| measure | {base} | package (`accelerate launch`, no config) | package / baseline |",
              "| --- | ---: | ---: | ---: |"]
     for label, fmt, key in rows:
         ratio = f"{f[key] / b[key]:.2f}x" if key and b[key] == b[key] and f[key] == f[key] else ""  # x == x: not nan
@@ -97,8 +114,10 @@ def report(results: dict[str, list[dict]], args) -> str:
     return "\n".join([
         "# Benchmarks", "",
         f"Machine: {machine()}. One process. Command: `python -m mnist_dist.bench --seeds {args.seeds} "
-        f"--baseline-runs {args.baseline_runs}`.", "",
-        f"Baseline: `python -m mnist_dist.train {' '.join(BASELINE)}`. Package: `accelerate launch -q -m "
+        f"--baseline-runs {args.baseline_runs}{f' --baseline-ref {args.baseline_ref}' if args.baseline_ref else ''}`.",
+        "",
+        (f"Baseline: the same command at commit {args.baseline_ref}." if args.baseline_ref else
+         f"Baseline: `python -m mnist_dist.train {' '.join(BASELINE)}`.") + " Package: `accelerate launch -q -m "
         f"mnist_dist.train {' '.join(FAST)}` (the defaults, no accelerate config).",
         "Runs alternate between the two paths; figures are medians.", "",
         *lines, "", "![accuracy against wall-clock seconds](bench_accuracy_vs_time.png)", "",
@@ -134,15 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mnist_dist.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=10, help="fast-path runs, seeds 1..N")
     parser.add_argument("--baseline-runs", type=int, default=3, help="baseline runs, seeds 1..N (each is minutes)")
+    parser.add_argument("--baseline-ref", help="a git commit: the baseline is the package's defaults at it")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args(argv)
     results: dict[str, list[dict]] = {"baseline": [], "fast": []}
     with tempfile.TemporaryDirectory() as tmp:
+        source = export(args.baseline_ref, Path(tmp)) if args.baseline_ref else None
+        paths = {  # name: command, flags, runs, folder it starts in
+            "baseline": (LAUNCH["fast"], FAST, args.baseline_runs, source) if source else
+                        (LAUNCH["baseline"], BASELINE, args.baseline_runs, None),
+            "fast": (LAUNCH["fast"], FAST, args.seeds, None)}
         for seed in range(1, max(args.seeds, args.baseline_runs) + 1):
-            for name, flags, n in (("baseline", BASELINE, args.baseline_runs), ("fast", FAST, args.seeds)):
+            for name, (launch, flags, n, cwd) in paths.items():
                 if seed <= n:
-                    m = run_once(flags, seed, args.data_dir, Path(tmp), name)
+                    m = run_once(launch, flags, seed, args.data_dir, Path(tmp), name, cwd)
                     results[name].append({**m, "seed": seed})
                     print(f"{name:8s} seed {seed:2d}: stop epoch {m['stop_epoch']:2d}, {m['final_val_acc']:.2f}%, "
                           f"{m['wall_seconds']:.1f} s", flush=True)

@@ -20,8 +20,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from mnist_dist import job
+from mnist_dist.settings import RunError, Settings, parse_args, trackers
 
 job.watch_launcher()  # before the imports below, which take seconds: no trainer outlives its launcher
+# Run as a program, the command line is read now: --help and a bad flag answer at once, not after those imports.
+PARSED = parse_args() if __name__ == "__main__" else None
 
 import accelerate
 import psutil
@@ -42,7 +45,6 @@ from mnist_dist.evaluate import Score, score
 from mnist_dist.model import Net, count_params, graph_training_step, summary_table, sync_batchnorm, to_channels_last
 from mnist_dist.plot import confusion_figure, draw_curves, mistakes_figure
 from mnist_dist.schedule import Schedule
-from mnist_dist.settings import RunError, Settings, parse_args, trackers
 
 # Cross-entropy over 10 classes starts near ln(10) = 2.3 nats: a loss above this has diverged,
 # even while Adam keeps the numbers finite.
@@ -481,8 +483,8 @@ def train(s: Settings) -> dict:
     return finish(run, parts, progress, last)
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = parse_args(argv)
+def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:
+    settings = settings or parse_args(argv)
     code = 0
     try:
         train(settings)
@@ -509,4 +511,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(settings=PARSED))

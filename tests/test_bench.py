@@ -1,7 +1,11 @@
 """The benchmark's pure pieces: medians over runs, and the report file it rewrites."""
 import math
+import subprocess
+import sys
 
-from mnist_dist.bench import ELSEWHERE, summarize, write_report
+from mnist_dist.bench import ELSEWHERE, export, summarize, write_report
+
+from conftest import REPO, run as run_command
 
 
 def run(stop_epoch: int, reached: bool, wall: float, images_per_s: float) -> dict:
@@ -29,3 +33,14 @@ def test_report_keeps_the_hand_written_section_of_the_file_it_replaces(tmp_path)
     path.write_text(path.read_text() + f"\n{ELSEWHERE}\n\nH100 figures\n")
     write_report(path, "# Benchmarks\nnew table\n")
     assert path.read_text() == f"# Benchmarks\nnew table\n\n{ELSEWHERE}\n\nH100 figures\n"
+
+
+def test_a_baseline_ref_runs_that_commits_source_not_the_installed_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], capture_output=True, text=True,
+                           check=True).stdout.split()[0]
+    folder = export(first, tmp_path)
+    old = subprocess.run(["git", "show", f"{first}:mnist_dist/train.py"], capture_output=True, text=True).stdout
+    assert (folder / "mnist_dist" / "train.py").read_text() == old
+    found = run_command([sys.executable, "-c", "import mnist_dist; print(mnist_dist.__file__)"], cwd=folder, timeout=60)
+    assert found.stdout.strip() == str(folder / "mnist_dist" / "__init__.py"), found.stderr

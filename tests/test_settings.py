@@ -38,7 +38,14 @@ def test_an_invalid_command_line_is_argparses_usage_error(args, says, capsys):
     assert says in err and "error:" in err
 
 
-def test_the_program_exits_on_an_invalid_value_with_a_message_not_a_traceback():
-    result = run([sys.executable, "-m", "mnist_dist.train", "--epochs", "0"], timeout=60)
-    assert result.returncode == 2
-    assert "--epochs must be at least 1" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("args, code", [(["--epochs", "0"], 2), (["--help"], 0)])
+def test_the_program_answers_a_bad_value_or_help_before_it_imports_torch(args, code):
+    """Before the imports that take seconds: -X importtime lists every module the program imported."""
+    result = run([sys.executable, "-X", "importtime", "-m", "mnist_dist.train", *args], timeout=60)
+    assert result.returncode == code, result.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "mnist_dist.settings" in imported and "torch" not in imported and "accelerate" not in imported
+    if code:
+        assert "--epochs must be at least 1" in result.stderr and "Traceback" not in result.stderr
+    else:
+        assert "--target-acc" in result.stdout
