@@ -1,5 +1,6 @@
 """The slow tail, observed: one run of the default recipe, scored at every half epoch and epoch end from
-epoch 3 on with several inference variants, without changing its trajectory. One JSON line per point.
+epoch 3 on with several inference variants, without changing its trajectory. One JSON line per point,
+among the run's own log lines on stdout (docs/benchmarks.md, "The slow tail", has the results).
 
     OMP_NUM_THREADS=1 python docs/tail_observer.py --seed 3 --epochs 6 --target-acc 100 --report-to none \
         --data-dir data --output-dir /tmp/tail/s3 > /tmp/tail/s3.jsonl
