@@ -1,4 +1,4 @@
-"""The benchmark's pure pieces: medians over runs, and the report file it rewrites."""
+"""The benchmark's pieces: medians over runs, the report file it rewrites, and the export of an older commit."""
 import math
 import subprocess
 import sys
@@ -35,7 +35,7 @@ def test_report_keeps_the_hand_written_section_of_the_file_it_replaces(tmp_path)
     assert path.read_text() == f"# Benchmarks\nnew table\n\n{ELSEWHERE}\n\nH100 figures\n"
 
 
-def test_a_baseline_ref_runs_that_commits_source_not_the_installed_one(tmp_path, monkeypatch):
+def test_a_baseline_ref_runs_the_source_of_that_commit_not_the_installed_package(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], capture_output=True, text=True,
                            check=True).stdout.split()[0]
