@@ -17,10 +17,10 @@ from mnist_dist.distributed import agree, together
 from mnist_dist.settings import RunError
 
 PROGRESS = "custom_checkpoint_0.pkl"  # where Accelerate saves the first registered object
-# Settings that fix the training trajectory: a resume with other values would silently
-# continue another run, so it is refused. --epochs and --target-acc may change.
+# Settings that fix the training trajectory, or what it is judged by (--ema): a resume with other values would
+# silently continue another run, so it is refused. --epochs and --target-acc may change.
 TRAJECTORY = ("batch_size", "world_size", "lr", "schedule_epochs", "tail_lr", "dropout", "rotation", "shift",
-              "seed", "train_limit", "test_limit", "val_split", "loader", "workers", "sync_bn", "channels_last",
+              "ema", "seed", "train_limit", "test_limit", "val_split", "loader", "workers", "sync_bn", "channels_last",
               "mixed_precision")
 
 

@@ -187,10 +187,13 @@ def leave_stops_to_trainer(exiting, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+def make_loaders(s: Settings, root: Path, device, bn_images: int = 4096,
+                 bn_batch: int = 256) -> tuple[DataLoader, DataLoader, DataLoader | None, DataLoader]:
     """Train, validation and test DataLoaders (not yet prepared; `s.batch_size` per process). Without
     --val-split the test set validates, as in the seed, and no test loader is returned. With it, a seeded
-    draw of training images (not augmented) validates, and the test set is scored once at the end."""
+    draw of training images (not augmented) validates, and the test set is scored once at the end.
+    Last, the first `bn_images` training images, not augmented, in batches of `bn_batch`: not to be sharded,
+    every rank reads them all."""
     if s.loader == "tensor":
         train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
         plain_ds = copy.copy(train_ds)  # the same tensors, no augmentation
@@ -218,6 +221,7 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
         raise RunError(f"--val-split {s.val_split} leaves no training images (there are {len(train_ds)}).")
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
     val = test
+    kept = torch.arange(len(train_ds))
     if s.val_split:
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(s.seed))
         held, kept = order[:s.val_split], order[s.val_split:]
@@ -226,10 +230,16 @@ def make_loaders(s: Settings, root: Path, device) -> tuple[DataLoader, DataLoade
         else:
             train_ds, val_ds = Subset(train_ds, kept.tolist()), Subset(plain_ds, held.tolist())
         val = DataLoader(val_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
+    rows = kept[:bn_images]
+    plain_ds = plain_ds.subset(rows) if s.loader == "tensor" else Subset(plain_ds, rows.tolist())
+    # No worker processes: 4,096 images take a fraction of a second without them. A generator of its own: each
+    # pass over a DataLoader draws a seed, which would otherwise come from, and shift, the training's stream.
+    plain = DataLoader(plain_ds, batch_size=bn_batch, shuffle=False, generator=torch.Generator(),
+                       collate_fn=whole_batch if s.loader == "tensor" else None)
     if s.loader == "tensor":
         # The dataset shuffles on the device; Accelerate's sampler (data_seed = s.seed too, train.sharding)
         # then hands out positions in order, and shards and pads them, skips them on resume, as ever.
         train = DataLoader(train_ds.shuffle(s.seed), batch_size=s.batch_size, shuffle=False, **kw)
     else:
         train = DataLoader(train_ds, batch_size=s.batch_size, shuffle=True, **kw)
-    return train, val, (test if s.val_split else None)
+    return train, val, (test if s.val_split else None), plain

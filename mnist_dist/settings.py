@@ -62,6 +62,9 @@ class Settings:
     dropout: float = _opt(0.0, "Dropout2d probability after each conv block (0: the layers stay, inactive)")
     rotation: float = _opt(7.0, "random rotation of training images, +- degrees (0 = none)")
     shift: float = _opt(2.0, "random shift of training images, +- pixels on each axis (0 = none)")
+    ema: float = _opt(0.998, "evaluate, stop on and save an exponential moving average of the weights with this "
+                             "decay per optimizer step, its BatchNorm statistics recomputed on 4,096 training "
+                             "images (0 = the trained weights themselves)")
     seed: int = _opt(1, "seed for weights, shuffling, dropout and augmentation")
     data_dir: str = _opt("data", "MNIST root; filled from the offline copy or a download if empty")
     output_dir: str = _opt("", "run folder; default: a new runs/<timestamp>")
@@ -108,6 +111,7 @@ class Settings:
             (0 <= self.dropout < 1, "--dropout is a probability in [0, 1)"),
             (self.rotation >= 0, "--rotation is a non-negative number of degrees"),
             (0 <= self.shift < 14, "--shift is a number of pixels in [0, 14)"),
+            (0 <= self.ema < 1, "--ema is a decay per step in [0, 1) (0: off)"),
             (self.val_split >= 0, "--val-split must be 0 (off) or a number of images"),
             (self.train_limit >= 0 and self.test_limit >= 0, "--train-limit/--test-limit must be 0 (all) or positive"),
             (self.workers >= 0, "--workers must be 0 or more"),

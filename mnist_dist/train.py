@@ -6,6 +6,7 @@
 
 Options: `python -m mnist_dist.train --help`. `train()` tells the story; each stage below is one step of it.
 """
+import copy
 import ctypes
 import dataclasses
 import hashlib
@@ -38,6 +39,7 @@ from safetensors.torch import save
 from tqdm import tqdm
 
 from mnist_dist import checkpoint
+from mnist_dist.average import BN_BATCH, BN_IMAGES, Average
 from mnist_dist.checkpoint import TRAJECTORY, Progress
 from mnist_dist.data import load_tensors, make_loaders, prepare_mnist
 from mnist_dist.distributed import check_launch, check_launcher, join_restarted_group, set_threads, together, use_cpu
@@ -115,6 +117,7 @@ class Parts:
     val: torch.utils.data.DataLoader
     test: torch.utils.data.DataLoader | None  # with --val-split only
     summary: str  # torchsummary's layer table
+    average: Average | None  # with --ema: what evaluation scores and the run saves
 
 
 class Interrupted(Exception):
@@ -249,10 +252,12 @@ def build(run: Run) -> Parts:
     """Data, model, optimizer and schedule, prepared by Accelerate."""
     s, accelerator = run.s, run.accelerator
     set_seed(s.seed)  # the same initial weights on every rank
-    train_loader, val_loader, test_loader = make_loaders(s, run.data_root, accelerator.device)
+    train_loader, val_loader, test_loader, bn_images = make_loaders(s, run.data_root, accelerator.device,
+                                                                    BN_IMAGES, BN_BATCH)
     model = Net(s.dropout)
     table = summary_table(model)
     accelerator.print(table)
+    plain = to_channels_last(copy.deepcopy(model)) if s.channels_last else copy.deepcopy(model)
     if s.sync_bn and accelerator.num_processes > 1:
         model = sync_batchnorm(model, accelerator.device)
     if s.channels_last:
@@ -265,11 +270,14 @@ def build(run: Run) -> Parts:
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, fused=True)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
     test_loader = test_loader and accelerator.prepare(test_loader)
+    # The average is a network of its own, prepared for evaluation (mixed precision, no DDP): Accelerate then
+    # saves and restores it with the trained one in every checkpoint (model_1.safetensors).
+    average = s.ema and Average(model, accelerator.prepare_model(plain, evaluation_mode=True), s.ema, bn_images)
     steps = len(train_loader)
     # The cycle spans --schedule-epochs, or all of a shorter run; a resumed run keeps its own.
     scheduler = accelerator.prepare(Schedule(optimizer, s.lr, steps * min(s.schedule_epochs, s.epochs), steps, s.tail_lr))
     set_seed(s.seed, device_specific=True)  # distinct dropout masks and augmentation per rank
-    return Parts(model, optimizer, scheduler, train_loader, val_loader, test_loader, table)
+    return Parts(model, optimizer, scheduler, train_loader, val_loader, test_loader, table, average)
 
 
 def resume_or_start(run: Run, parts: Parts) -> Progress:
@@ -361,6 +369,8 @@ def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float]:
         parts.optimizer.step()
         parts.scheduler.step()
         done += 1
+        if parts.average:
+            parts.average.update(progress.epoch * steps + done)
         loss = loss.detach()
         local += torch.stack([loss * len(y), (logits.argmax(1) == y).sum(), one * len(y)])
         window[:3] += torch.stack([loss, ~(loss < DIVERGED), one])  # the flag is also set by nan
@@ -373,13 +383,19 @@ def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float]:
     return (acc.reduce(local, "sum").cpu() + torch.tensor(progress.carried)).tolist()
 
 
+def evaluated(run: Run, parts: Parts) -> torch.nn.Module:
+    """The network that evaluation scores, the stop looks at and the run saves: the average of the weights
+    (--ema), or the trained network. Every rank must call it. Either way every rank scores the network rank 0
+    saves: the trained one's BatchNorm statistics are DDP's broadcast of rank 0's (broadcast_buffers, its
+    default, before each forward pass, evaluation's included), and the average broadcasts its own."""
+    return parts.average.ready(run.accelerator) if parts.average else parts.model
+
+
 def end_epoch(run: Run, parts: Parts, progress: Progress, totals: list[float], t0: float) -> Score:
     """Evaluate, record the epoch in the history, the trackers and the log, and save a checkpoint."""
     acc, s = run.accelerator, run.s
     train_seconds = time.perf_counter() - t0
-    # BatchNorm statistics need no averaging: DDP broadcasts rank 0's buffers before each forward pass
-    # (broadcast_buffers, its default), evaluation's included, so every rank evaluates the model rank 0 saves.
-    val = score(parts.model, parts.val, acc)
+    val = score(evaluated(run, parts), parts.val, acc)
     loss_sum, hits, seen = totals
     row = {"epoch": progress.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * hits / seen,
            "val_loss": val.loss, "val_acc": 100 * val.correct / val.total, "seconds": time.perf_counter() - t0,
@@ -404,10 +420,10 @@ def met(progress: Progress, target_acc: float) -> bool:
     return bool(last) and reached(last["val_correct"], last["val_total"], target_acc)
 
 
-def write_outputs(run: Run, parts: Parts, metrics: dict) -> None:
-    """The main process's files: weights, metrics and the graph, each written whole or not at all."""
+def write_outputs(run: Run, net: torch.nn.Module, metrics: dict) -> None:
+    """The main process's files: the weights of `net`, metrics and the graph, each written whole or not at all."""
     # The plain Net's parameter names, also under --compile, so evaluate/predict load them.
-    weights = run.accelerator.unwrap_model(parts.model, keep_torch_compile=False).state_dict()
+    weights = run.accelerator.unwrap_model(net, keep_torch_compile=False).state_dict()
     # channels_last weights are strided views; safetensors stores contiguous tensors. Serialised in
     # memory and written by Python, so that a full disk is an OSError naming the file.
     data = save({k: v.contiguous() for k, v in weights.items()})
@@ -437,18 +453,21 @@ def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> di
     s, acc = run.s, run.accelerator
     # The test set scored once more only if the loop has not just done it.
     tested = parts.test is not None
-    final = score(parts.model, parts.test if tested else parts.val, acc) if tested or last is None else last
+    net = evaluated(run, parts)
+    final = score(net, parts.test if tested else parts.val, acc) if tested or last is None else last
     row = progress.history[-1]
     metrics = {"params": count_params(parts.model), "target_acc": s.target_acc,
                "reached_target": reached(row["val_correct"], row["val_total"], s.target_acc),
                "stop_epoch": row["epoch"], "world_size": acc.num_processes, "mixed_precision": acc.mixed_precision,
                "wall_seconds": time.time() - run.t_start, "final_val_acc": row["val_acc"],
                "validation": f"{s.val_split} held-out training images" if s.val_split else "test set",
+               "weights": (f"exponential moving average, decay {s.ema} per step, BatchNorm statistics recomputed on "
+                           f"{len(parts.average.images.dataset)} training images") if s.ema else "trained",
                "epochs": progress.history}
     if tested:
         metrics["test_acc"] = 100 * final.correct / final.total
     try:
-        together(write_outputs, run, parts, metrics, main_only=True)
+        together(write_outputs, run, net, metrics, main_only=True)
         together(log_final_report, run, final, metrics, progress.epoch * len(parts.train), main_only=True)
     except RunError as err:
         raise RunError(f"{err}. The checkpoint '{checkpoint.newest(run.out)}' is complete: once there is room, "

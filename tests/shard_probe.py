@@ -16,7 +16,7 @@ from mnist_dist.train import sharding
 root, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = Settings(rotation=0, shift=0, batch_size=batch)
 accelerator = Accelerator(cpu=True, dataloader_config=sharding(s.seed))
-train_loader, _, _ = make_loaders(s, root, accelerator.device)
+train_loader, *_ = make_loaders(s, root, accelerator.device)
 train_loader = accelerator.prepare(train_loader)
 epochs = []
 for epoch in (1, 2):
