@@ -58,17 +58,19 @@ class Average:
 
 
 def recompute_batchnorm(net: nn.Module, bns: list[nn.Module], images: DataLoader) -> None:
-    """`bns`' running statistics as the plain mean over `images`' batches (momentum None), the rest of `net` in
-    eval mode: unlike torch.optim.swa_utils.update_bn, dropout stays off, which would draw random numbers
-    and add noise that evaluation never sees."""
+    """`bns`' running statistics as the plain mean over `images`' batches, the rest of `net` in eval mode:
+    unlike torch.optim.swa_utils.update_bn, dropout stays off, which would draw random numbers and add noise
+    that evaluation never sees. The mean is a momentum of 1/k at batch k: BatchNorm's own momentum None
+    reads its batch counter to the host, which a GPU would wait for at every layer of every batch."""
     net.eval()
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None
         m.train()
     device = next(net.parameters()).device
-    for x, _ in images:
+    for k, (x, _) in enumerate(images, 1):
+        for m in bns:
+            m.momentum = 1 / k
         net(x.to(device))  # a no-op for the tensor loader's batches, which are on the device already
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum

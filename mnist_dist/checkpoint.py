@@ -3,7 +3,8 @@
 `RUN/checkpoints/epoch_0003`, or `epoch_0003_step_00042` when a signal stopped the run 42 steps into
 epoch 4, is written as `.partial-...` and renamed once complete: a kill or a full disk during a save
 leaves the previous one intact. The loop's `Progress` is registered with Accelerate and saved with the
-model, optimizer, schedule, sampler and per-rank RNG states (as `custom_checkpoint_0.pkl`).
+model, the average of its weights (--ema, Accelerate's second model), optimizer, schedule, sampler and
+per-rank RNG states (as `custom_checkpoint_0.pkl`).
 """
 import dataclasses
 import shutil

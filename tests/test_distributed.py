@@ -42,14 +42,14 @@ def test_two_processes_exact_metrics_one_writer_synchronized_stop(tmp_path, mnis
     # Training metrics cover both ranks' shards (1000 images, + 24 to even out 2 x 128-image steps).
     assert last["train_images"] == 1024
 
-    # One writer: a single copy of each output, no per-rank files. A checkpoint holds
-    # one copy of the weights and, by Accelerate's design, one RNG-state file per rank.
+    # One writer: a single copy of each output, no per-rank files. A checkpoint holds one copy of the weights,
+    # one of their average (--ema) and, by Accelerate's design, one RNG-state file per rank.
     copies = {"metrics.json": 1, "config.json": 1, "curves.png": 1, "model.safetensors": 2}  # + the checkpoint's
     assert {name: len(list(tmp_path.rglob(name))) for name in copies} == copies
     [saved] = (out / "checkpoints").iterdir()
     assert sorted(p.name for p in saved.iterdir() if "random_states" in p.name) == [
         "random_states_0.pkl", "random_states_1.pkl"]
-    assert len(list(saved.glob("model*.safetensors"))) == 1
+    assert sorted(p.name for p in saved.glob("model*.safetensors")) == ["model.safetensors", "model_1.safetensors"]
     event_dirs = {p.parent for p in out.rglob("events.out.tfevents.*")}
     assert len(list(out.rglob("events.out.tfevents.*"))) == len(event_dirs) == 2  # scalars, hparams
 
