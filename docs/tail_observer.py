@@ -6,7 +6,7 @@ among the run's own log lines on stdout (docs/benchmarks.md, "The slow tail", ha
         --data-dir data --output-dir /tmp/tail/s3 > /tmp/tail/s3.jsonl
 
 Variants, each a count of correct test images out of 10,000:
-- plain: the network as training leaves it (at an epoch end, what the run itself reports);
+- plain: the network as training leaves it (at an epoch end, what the run reports with `--ema 0`);
 - tta5: the log-probabilities of the image and its four one-pixel shifts (torch.roll), summed;
 - ema<d>: an exponential moving average of the weights (decay d per optimizer step,
   torch.optim.swa_utils.AveragedModel), its BatchNorm statistics recomputed (update_bn) on the first 4,096

@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 # The training images whose activations give the average its BatchNorm statistics (fewer if the run has fewer),
-# and how many go through at once: statistics of 4,096 images change the test score by about one image from
-# one set of them to another.
+# and how many go through at once: the numbers the average was measured with (docs/benchmarks.md).
 BN_IMAGES = 4096
 BN_BATCH = 256
 

@@ -21,8 +21,8 @@ PROGRESS = "custom_checkpoint_0.pkl"  # where Accelerate saves the first registe
 # Settings that fix the training trajectory, or what it is judged by (--ema): a resume with other values would
 # silently continue another run, so it is refused. --epochs and --target-acc may change.
 TRAJECTORY = ("batch_size", "world_size", "lr", "schedule_epochs", "tail_lr", "dropout", "rotation", "shift",
-              "ema", "seed", "train_limit", "test_limit", "val_split", "loader", "workers", "sync_bn", "channels_last",
-              "mixed_precision")
+              "ema", "seed", "train_limit", "test_limit", "val_split", "loader", "workers", "sync_bn",
+              "channels_last", "mixed_precision")
 
 
 @dataclass

@@ -272,7 +272,9 @@ def build(run: Run) -> Parts:
     test_loader = test_loader and accelerator.prepare(test_loader)
     # The average is a network of its own, prepared for evaluation (mixed precision, no DDP): Accelerate then
     # saves and restores it with the trained one in every checkpoint (model_1.safetensors).
-    average = s.ema and Average(model, accelerator.prepare_model(plain, evaluation_mode=True), s.ema, bn_images)
+    average = None
+    if s.ema:
+        average = Average(model, accelerator.prepare_model(plain, evaluation_mode=True), s.ema, bn_images)
     steps = len(train_loader)
     # The cycle spans --schedule-epochs, or all of a shorter run; a resumed run keeps its own.
     scheduler = accelerator.prepare(Schedule(optimizer, s.lr, steps * min(s.schedule_epochs, s.epochs), steps, s.tail_lr))
