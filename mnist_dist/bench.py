@@ -54,14 +54,16 @@ def export(ref: str, workdir: Path) -> Path:
 
 def run_once(launch: list[str], args: list[str], seed: int, data_dir: str, workdir: Path, name: str,
              cwd: Path | None = None) -> dict:
-    """One run, from `cwd` if given; its metrics plus `launch_seconds`, the wall time of the whole command."""
+    """One run, from `cwd` if given; its metrics plus `launch_seconds`, the wall time of the whole command, and
+    `threads`, per process (config.json's): another count sums floats in another order, and may stop elsewhere."""
     out = workdir / f"{name}-seed{seed}"
     cmd = [*launch, *args, "--seed", str(seed), "--data-dir", str(Path(data_dir).resolve()),
            "--output-dir", str(out)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=cwd)
     seconds = time.perf_counter() - t0
-    return {**json.loads((out / "metrics.json").read_text()), "launch_seconds": seconds}
+    threads = json.loads((out / "config.json").read_text())["threads"]
+    return {**json.loads((out / "metrics.json").read_text()), "launch_seconds": seconds, "threads": threads}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -99,6 +101,7 @@ def report(results: dict[str, list[dict]], args) -> str:
         ("seconds from launch to exit", lambda x: f"{x['launch_to_exit']:.1f}", "launch_to_exit"),
         ("final test accuracy (median, %)", lambda x: f"{x['final_acc']:.2f}", None),
     ]
+    threads = ", ".join(sorted({str(m.get("threads", "?")) for runs in results.values() for m in runs}))
     base = f"package at {args.baseline_ref}" if args.baseline_ref else "baseline (seed-style, `python`)"
     lines = [f"| measure | {base} | package (`accelerate launch`, no config) | package / baseline |",
              "| --- | ---: | ---: | ---: |"]
@@ -113,7 +116,7 @@ def report(results: dict[str, list[dict]], args) -> str:
                            f"| {m['final_val_acc']:.2f} | {m['wall_seconds']:.1f} | {m['launch_seconds']:.1f} |")
     return "\n".join([
         "# Benchmarks", "",
-        f"Machine: {machine()}. One process. Command: `python -m mnist_dist.bench --seeds {args.seeds} "
+        f"Machine: {machine()}. One process, {threads} thread(s). Command: `python -m mnist_dist.bench --seeds {args.seeds} "
         f"--baseline-runs {args.baseline_runs}{f' --baseline-ref {args.baseline_ref}' if args.baseline_ref else ''}`.",
         "",
         (f"Baseline: the same command at commit {args.baseline_ref}." if args.baseline_ref else

@@ -2,8 +2,9 @@
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
-from mnist_dist.bench import ELSEWHERE, export, summarize, write_report
+from mnist_dist.bench import ELSEWHERE, export, report, summarize, write_report
 
 from conftest import REPO, run as run_command
 
@@ -24,6 +25,12 @@ def test_summarize_takes_medians_and_counts_only_runs_that_reached():
 def test_summarize_without_a_run_that_reached_gives_nan():
     s = summarize([run(19, False, 300.0, 5000)])
     assert s["reached"] == 0 and math.isnan(s["stop_epoch"]) and math.isnan(s["time_to_target"])
+
+
+def test_the_report_names_the_thread_count_its_runs_had():
+    runs = [{**run(5, True, 60.0, 5000), "seed": 1, "threads": 1}]
+    text = report({"baseline": runs, "fast": runs}, SimpleNamespace(seeds=1, baseline_runs=1, baseline_ref="abc"))
+    assert "One process, 1 thread(s)." in text
 
 
 def test_report_keeps_the_hand_written_section_of_the_file_it_replaces(tmp_path):
