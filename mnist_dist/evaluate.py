@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from mnist_dist.data import DeviceMNIST, load_tensors, prepare_mnist, whole_batch
+from mnist_dist import job
 from mnist_dist.distributed import use_cpu
 from mnist_dist.model import Net
 from mnist_dist.settings import RunError
@@ -133,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    job.leave(main())

@@ -532,4 +532,4 @@ def main(argv: list[str] | None = None, settings: Settings | None = None) -> int
 
 
 if __name__ == "__main__":
-    sys.exit(main(settings=PARSED))
+    job.leave(main(settings=PARSED))

@@ -105,3 +105,25 @@ def test_a_trainer_started_after_its_agent_died_exits_at_once(tmp_path):
     assert (result.returncode, result.stderr) == (1, "mnist_dist: error: the launcher is gone; it stopped before "
                                                      "training began.\n"), result.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+LEAVER = """
+import atexit, sys
+from mnist_dist import job
+class Teardown:  # a module global's destructor: it runs in the interpreter's teardown, not as an exit handler
+    def __del__(self):
+        sys.stderr.write("teardown\\n")
+kept = Teardown()
+atexit.register(lambda: sys.stderr.write("exit handler\\n"))
+sys.stdout.write("buffered, no newline")
+job.leave(3)
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_process_of_several_leaves_after_its_exit_handlers_without_the_native_teardown(world_size):
+    """job.leave, how a trainer and evaluate end: with WORLD_SIZE > 1 the exit handlers run and the output is
+    flushed, the exit status is kept, and the interpreter's teardown is skipped; a single process exits as usual."""
+    result = run([sys.executable, "-c", LEAVER], env={"WORLD_SIZE": world_size, "PYTHONUNBUFFERED": None}, timeout=60)
+    assert result.returncode == 3 and result.stdout == "buffered, no newline"
+    assert result.stderr == ("exit handler\n" if world_size == "2" else "exit handler\nteardown\n"), result.stderr
