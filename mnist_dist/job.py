@@ -24,6 +24,9 @@ LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
 # Seconds a trainer whose launcher died has to save its checkpoint (at its next step) and exit. A save
 # takes about a second here; past this the trainer is taken to be stuck (in a collective, say) and exits.
 GRACE = 20
+# Seconds a rank that fails with the job's error waits for the main process to say it and exit (`leave`);
+# the launcher notices an exit within a tenth of a second.
+SPEAK = 5
 # Set once the training loop polls for stop requests: a SIGTERM is then turned into a checkpoint.
 training = threading.Event()
 
@@ -86,17 +89,27 @@ def watch_launcher(every: float = 0.2) -> None:
 
 
 def leave(code: int) -> None:
-    """End this process with `code`. One of several (WORLD_SIZE > 1) runs Python's exit handlers (trackers,
-    DataLoader workers, logging), flushes its output, and skips the native teardown that follows: there a rank
-    whose run had finished, its files written and its process group destroyed, was seen to abort now and then
-    ("terminate called without an active exception", SIGABRT in 2 of 3 runs of the test suite on one machine),
-    and the launcher then reports the whole job as failed."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    """End this process with `code`; 2 is an error the main process says for every rank (`say`).
+
+    One of several (WORLD_SIZE > 1) runs Python's exit handlers (trackers, DataLoader workers, logging),
+    flushes its output, and skips the native teardown that follows: there a rank whose run had finished, its
+    files written and its process group destroyed, was seen to abort now and then ("terminate called without
+    an active exception", SIGABRT in 2 of 3 runs of the test suite on one machine), and the launcher then
+    reports the whole job as failed.
+
+    A rank other than the main one that fails with error 2 first leaves the main process SPEAK seconds to say
+    it: the launcher stops every rank as soon as one exits, and a main process stopped first ends the job silent.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 2 and os.environ.get("RANK", "0") != "0" and LAUNCHED & os.environ.keys():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's stop, once the main process has exited
+        time.sleep(SPEAK)
+    os._exit(code)
+
 
 def hold(folder: Path) -> None:
     """Hold `folder` for the rest of this process's life (the main process's): a second job on it is refused,
