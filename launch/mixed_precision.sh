@@ -4,7 +4,8 @@
 #   PRECISION=fp16 launch/mixed_precision.sh [--epochs 10 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if nvidia-smi -L > /dev/null 2>&1; then
+gpus=$(launch/visible_gpus.sh)  # assigned first: a failure to count stops here, not on the CPU
+if [ "$gpus" -gt 0 ]; then
     where=(--num_processes 1 --num_machines 1 --dynamo_backend no)
 else
     where=(--config_file accelerate_config.yaml)  # the CPU, every core

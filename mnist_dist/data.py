@@ -18,16 +18,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DataLoaderConfiguration
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_md5
 
-from mnist_dist.settings import RunError, Settings
+from mnist_dist.errors import RunError
+from mnist_dist.settings import Settings
 
 MEAN, STD = 0.1307, 0.3081
 # (file name, md5) of the four original files, as torchvision lists them.
 RESOURCES = [(Path(url).name, md5) for url, md5 in datasets.MNIST.resources]
+
+
+def sharding(seed: int) -> DataLoaderConfiguration:
+    """One permutation per epoch, seeded identically on every rank, then split into disjoint shards."""
+    return DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed)
 
 
 def _has_all(folder: Path) -> bool:
@@ -187,6 +194,36 @@ def leave_stops_to_trainer(exiting, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def device_sets(s: Settings, root: Path, device) -> tuple:
+    """The tensor path's datasets: training (augmented), the same images plain, test; the DataLoaders' arguments."""
+    train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
+    plain_ds = copy.copy(train_ds)  # the same tensors, no augmentation
+    plain_ds.rotation = plain_ds.shift = 0.0
+    test_ds = DeviceMNIST(*load_tensors(root, False, s.test_limit), device)
+    return train_ds, plain_ds, test_ds, dict(collate_fn=whole_batch)
+
+
+def torchvision_sets(s: Settings, root: Path, device) -> tuple:
+    """The seed's path: torchvision datasets with per-image PIL transforms, served by worker processes."""
+    norm = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
+    # The same augmentation, per image with PIL: rotation, then shift as a fraction of the size.
+    augment = [transforms.RandomAffine(s.rotation, translate=(s.shift / 28,) * 2 if s.shift else None)]
+    train_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(augment + norm))
+    plain_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(norm))
+    test_ds = datasets.MNIST(root, train=False, transform=transforms.Compose(norm))
+    if s.train_limit:
+        train_ds, plain_ds = Subset(train_ds, range(s.train_limit)), Subset(plain_ds, range(s.train_limit))
+    if s.test_limit:
+        test_ds = Subset(test_ds, range(s.test_limit))
+    # Set at exit before multiprocessing's own exit handler (registered at import, so run after this one)
+    # stops the workers: ignoring that SIGTERM would leave the trainer waiting for them forever.
+    exiting = multiprocessing.Event()
+    atexit.register(exiting.set)
+    kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0,
+              worker_init_fn=partial(leave_stops_to_trainer, exiting))
+    return train_ds, plain_ds, test_ds, kw
+
+
 def make_loaders(s: Settings, root: Path, device, bn_images: int = 4096,
                  bn_batch: int = 256) -> tuple[DataLoader, DataLoader, DataLoader | None, DataLoader]:
     """Train, validation and test DataLoaders (not yet prepared; `s.batch_size` per process). Without
@@ -194,29 +231,7 @@ def make_loaders(s: Settings, root: Path, device, bn_images: int = 4096,
     draw of training images (not augmented) validates, and the test set is scored once at the end.
     Last, the first `bn_images` training images, not augmented, in batches of `bn_batch`: not to be sharded,
     every rank reads them all."""
-    if s.loader == "tensor":
-        train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
-        plain_ds = copy.copy(train_ds)  # the same tensors, no augmentation
-        plain_ds.rotation = plain_ds.shift = 0.0
-        test_ds = DeviceMNIST(*load_tensors(root, False, s.test_limit), device)
-        kw = dict(collate_fn=whole_batch)
-    else:
-        norm = [transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))]
-        # The same augmentation, per image with PIL: rotation, then shift as a fraction of the size.
-        augment = [transforms.RandomAffine(s.rotation, translate=(s.shift / 28,) * 2 if s.shift else None)]
-        train_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(augment + norm))
-        plain_ds = datasets.MNIST(root, train=True, transform=transforms.Compose(norm))
-        test_ds = datasets.MNIST(root, train=False, transform=transforms.Compose(norm))
-        if s.train_limit:
-            train_ds, plain_ds = Subset(train_ds, range(s.train_limit)), Subset(plain_ds, range(s.train_limit))
-        if s.test_limit:
-            test_ds = Subset(test_ds, range(s.test_limit))
-        # Set at exit before multiprocessing's own exit handler (registered at import, so run after this one)
-        # stops the workers: ignoring that SIGTERM would leave the trainer waiting for them forever.
-        exiting = multiprocessing.Event()
-        atexit.register(exiting.set)
-        kw = dict(num_workers=s.workers, persistent_workers=s.workers > 0,
-                  worker_init_fn=partial(leave_stops_to_trainer, exiting))
+    train_ds, plain_ds, test_ds, kw = (device_sets if s.loader == "tensor" else torchvision_sets)(s, root, device)
     if s.val_split >= len(train_ds):
         raise RunError(f"--val-split {s.val_split} leaves no training images (there are {len(train_ds)}).")
     test = DataLoader(test_ds, batch_size=s.eval_batch_size, shuffle=False, **kw)
@@ -237,7 +252,7 @@ def make_loaders(s: Settings, root: Path, device, bn_images: int = 4096,
     plain = DataLoader(plain_ds, batch_size=bn_batch, shuffle=False, generator=torch.Generator(),
                        collate_fn=whole_batch if s.loader == "tensor" else None)
     if s.loader == "tensor":
-        # The dataset shuffles on the device; Accelerate's sampler (data_seed = s.seed too, train.sharding)
+        # The dataset shuffles on the device; Accelerate's sampler (data_seed = s.seed too, `sharding`)
         # then hands out positions in order, and shards and pads them, skips them on resume, as ever.
         train = DataLoader(train_ds.shuffle(s.seed), batch_size=s.batch_size, shuffle=False, **kw)
     else:

@@ -1,17 +1,21 @@
 """What the processes of a job, and their launcher, must agree on: the device and threads each
-process takes, the refusal of launches that would train the wrong thing, and errors. A problem
-found on any rank reaches every rank (`together`), so all stop at once with one message instead
-of leaving the others in their next collective until the timeout.
+process takes, the refusal of launches that would train the wrong thing, errors, and BatchNorm
+statistics shared by all of them. A problem found on any rank reaches every rank (`together`), so all
+stop at once with one message instead of leaving the others in their next collective until the timeout.
 """
 import os
+from datetime import timedelta
 
 import psutil
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
+from torch import nn
 from accelerate import PartialState
 from accelerate.utils import gather_object
 
 from mnist_dist.job import LAUNCHED
-from mnist_dist.settings import RunError
+from mnist_dist.errors import RunError
 
 # What to run instead, for the launches that check_launch refuses.
 GPU_PROCESSES = "accelerate launch --multi_gpu --num_processes N -m mnist_dist.train"
@@ -74,6 +78,13 @@ def join_restarted_group(cpu: bool, timeout) -> None:
     torch.distributed.init_process_group(
         "gloo" if cpu else "nccl", store=torch.distributed.PrefixStore(f"attempt_{attempt}", store),
         rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+
+
+def collective_timeout(seconds: int) -> None:
+    """From now on a collective of this process fails after `seconds` (a local setting, no collective: every
+    process sets it at the same point). Without a process group (one process) there is nothing to wait for."""
+    if dist.is_initialized():
+        dist.set_timeout(timedelta(seconds=seconds))
 
 
 def agree(error: str | None) -> str | None:
@@ -139,3 +150,39 @@ def check_launch(state: PartialState, mixed_precision: str) -> None:
     if mixed_precision == "fp16" and state.device.type == "cpu":
         raise RunError("fp16 mixed precision needs a CUDA GPU; on the CPU Accelerate would silently train in "
                        "fp32. Use --mixed_precision bf16 (CPU autocast) or no.")
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the batches of every process: the sums are all-reduced with gradients
+    (torch.distributed.nn), so N processes compute what one does on the concatenated batch. Unlike
+    nn.SyncBatchNorm (GPUs only) it runs on gloo too. BatchNorm2d's parameters and buffers: weights load either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = self.num_features
+        count = x.new_tensor([x.numel() / c])
+        totals = dist_nn.all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        n = totals[-1]
+        mean = totals[:c] / n
+        var = totals[c:2 * c] / n - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm tracks
+            self.num_batches_tracked += 1
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (x - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+
+
+def sync_batchnorm(net: nn.Module, device: torch.device) -> nn.Module:
+    """The same network with BatchNorm statistics shared by all processes: nn.SyncBatchNorm where the run
+    trains on CUDA, else ours. Chosen by the run's device, not the machine's: a gloo run on the CPU of a
+    GPU machine would fail in nn.SyncBatchNorm."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    for i, layer in enumerate(net.layers):
+        if isinstance(layer, nn.BatchNorm2d):
+            synced = SyncBatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
+            synced.load_state_dict(layer.state_dict())
+            net.layers[i] = synced
+    return net

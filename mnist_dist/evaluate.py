@@ -9,73 +9,18 @@ Any number of processes gives the same numbers: the test set is sharded over the
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from mnist_dist.data import DeviceMNIST, load_tensors, prepare_mnist, whole_batch
 from mnist_dist import job
-from mnist_dist.distributed import use_cpu
-from mnist_dist.model import Net
-from mnist_dist.settings import RunError
-
-
-def load_net(path: str | Path) -> Net:
-    """A Net in eval mode with the weights of a run or checkpoint folder (its model.safetensors) or a
-    .safetensors file."""
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise RunError(f"no weights at '{file}': pass a run folder holding model.safetensors or a .safetensors file.")
-    try:
-        net = Net()  # a checkpoint of a --compile run names its weights _orig_mod.*
-        net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in load_file(file).items()})
-    except Exception as err:  # not safetensors, truncated, unreadable, or another model's weights
-        detail = " ".join(str(err).split())[:300]  # a state_dict mismatch lists the keys on later lines
-        raise RunError(f"cannot load weights from '{file}' ({type(err).__name__}: {detail}).") from None
-    return net.eval()
-
-
-@dataclass
-class Score:
-    """One pass over a loader: mean loss, counts, and every image's prediction and label in loader order."""
-    loss: float
-    correct: int
-    total: int
-    pred: torch.Tensor
-    true: torch.Tensor
-
-    def confusion(self) -> torch.Tensor:  # 10x10 counts, rows: true digit, columns: predicted
-        return torch.bincount(self.true * 10 + self.pred, minlength=100).view(10, 10)
-
-
-@torch.inference_mode()
-def score(model, loader, accelerator: Accelerator) -> Score:
-    """Evaluate over the whole loader; the same Score on every rank, every image counted once. The one
-    evaluation routine: training's validation, the final test, this tool. `gather_for_metrics`, called
-    per batch, drops the images that the sharded loader repeated to even out the ranks. Everything stays
-    on the device until one copy at the end: a GPU's host waits once per evaluation, not per batch."""
-    model.eval()
-    # float64: the same sum as Python's float adding up each batch's float32 sum.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    preds, trues = [], []
-    for x, y in loader:
-        logits = model(x)
-        losses, pred, true = accelerator.gather_for_metrics(
-            (F.cross_entropy(logits.float(), y, reduction="none"), logits.argmax(1), y))
-        loss_sum += losses.sum()
-        preds.append(pred)
-        trues.append(true)
-    # One copy: the loss sum travels with the labels as float64, which holds digits exactly.
-    out = torch.cat([loss_sum.view(1), *preds, *trues]).cpu()
-    n = (len(out) - 1) // 2
-    pred, true = out[1:n + 1].long(), out[n + 1:].long()
-    return Score(float(out[0]) / n, int((pred == true).sum()), n, pred, true)
+from mnist_dist.data import DeviceMNIST, load_tensors, prepare_mnist, whole_batch
+from mnist_dist.distributed import together, use_cpu
+from mnist_dist.errors import RunError
+from mnist_dist.metrics import score
+from mnist_dist.model import load_net
 
 
 def summarize(confusion: torch.Tensor) -> dict:
@@ -110,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Every rank loads (and so fails) alike: no rank is left waiting in a collective.
         net = load_net(args.weights).to(accelerator.device)
-        with accelerator.main_process_first():  # one process extracts the files
-            root = prepare_mnist(args.data_dir)
+        root = together(prepare_mnist, args.data_dir)  # as training does: one error for every rank
         test_set = DeviceMNIST(*load_tensors(root, train=False), accelerator.device)
         loader = accelerator.prepare(DataLoader(test_set, batch_size=args.batch_size, collate_fn=whole_batch))
         result = summarize(score(net, loader, accelerator).confusion())

@@ -1,7 +1,8 @@
-"""What ties a trainer to its job: it never outlives its launcher, and its run folder serves one job at a time.
+"""What ties a trainer to its job: it never outlives its launcher, a signal becomes a checkpoint, and its exit
+status says how it ended.
 
 Imported by `mnist_dist.train` before torch, so that a launcher killed during the seconds of imports
-leaves no trainer behind either. Standard library only, for the same reason.
+leaves no trainer behind either. Standard library only at import, for the same reason.
 """
 import atexit
 import os
@@ -10,14 +11,8 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
-from mnist_dist.settings import RunError
-
-try:
-    import fcntl
-except ImportError:  # Windows: the run folder is not locked there
-    fcntl = None
+from mnist_dist.errors import Interrupted, RunError
 
 # Set in the trainer's environment by `accelerate launch` and by torchrun, respectively.
 LAUNCHED = {"ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID"}
@@ -35,6 +30,11 @@ def say(message: str) -> None:
     """Print on stderr once per job: every rank fails alike, the main process speaks."""
     if os.environ.get("RANK", "0") == "0":
         print(message, file=sys.stderr, flush=True)
+
+
+def restarted() -> bool:
+    """Whether a scheduler restarted this job: torchrun (--max_restarts) or SLURM (a requeue, preemption)."""
+    return any(int(os.environ.get(v, "0")) > 0 for v in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def _exit_orphaned(launcher: int | None, why: str) -> None:
@@ -111,21 +111,48 @@ def leave(code: int) -> None:
     os._exit(code)
 
 
-def hold(folder: Path) -> None:
-    """Hold `folder` for the rest of this process's life (the main process's): a second job on it is refused,
-    naming the holder's PID and host. The kernel releases the lock when the process dies, however it dies, so a
-    killed job never blocks the next one. Nothing is written before the folder is known to be free."""
-    if fcntl is None:
-        return
-    path = folder / "job.lock"
-    # Held open read-only: a file open for writing would keep its disk from being remounted read-only.
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+class StopSignals:
+    """Turns SIGINT/SIGTERM into a request to stop, which every rank reads at the loop's next poll (every
+    POLL_STEPS steps), saves a checkpoint at and leaves by (`Interrupted`)."""
+    def __init__(self):
+        self.received: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received.append(signum)
+        # Ctrl-C twice kills at once; a second SIGTERM does not: a scheduler may signal every process
+        # of a job while the launcher forwards its own, and that must not cut the save.
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
+
+
+def ending(work, resume: str) -> int:
+    """Run `work()` and return the exit status: 0; 2 for an error the main process says for every rank; 128 + the
+    signal for a stop that saved a checkpoint (130 for SIGINT, 143 for SIGTERM); 1 where a process lost the job's
+    others. Any other exception is a bug: its traceback is the report."""
+    import torch.distributed as dist  # loaded by now: the training imported it
+
+    code = 0
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise RunError(f"'{folder}' is in use by another job ({holder}). Wait for it to end or stop it; "
-                       "two jobs in one run folder would overwrite each other's checkpoints.") from None
-    # The descriptor stays open, and the lock held, until the process ends.
-    path.write_text(f"PID {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        work()
+    except RunError as err:
+        say(f"mnist_dist: error: {err}")
+        code = 2
+    except Interrupted as stop:
+        signum, saved = stop.args
+        again = "the same command" + ("" if resume == "auto" else f" plus --resume {saved}")
+        say(f"mnist_dist: stopped by {signal.Signals(signum).name}; saved {saved}. Continue with {again}")
+        code = 128 + signum
+    except (dist.DistError, RuntimeError) as err:
+        if not (isinstance(err, dist.DistError) or "gloo" in str(err)):
+            raise
+        # A collective failed: another process of the job is gone, and its own error says why.
+        print(f"mnist_dist: error: process {os.environ.get('RANK', '?')} lost the job's other processes "
+              f"({str(err).strip().splitlines()[0][:200]})", file=sys.stderr)
+        code = 1
+    # The training ends the process group when it finishes; these exits must too. One left for the interpreter's
+    # shutdown can abort with SIGABRT ("terminate called without an active exception": gloo's threads).
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code

@@ -1,13 +1,15 @@
-"""The seed's 9,720-parameter CNN, layer for layer as in its summary table."""
+"""The seed's 9,720-parameter CNN, layer for layer as in its summary table; its summary and its saved weights."""
 import contextlib
 import copy
 import io
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn as dist_nn
+from safetensors.torch import load_file
 from torch import nn
 from torchsummary import summary
+
+from mnist_dist.errors import RunError
 
 
 def conv_block(c_in: int, c_out: int, dropout: float, padding: int = 1) -> list[nn.Module]:
@@ -42,16 +44,6 @@ class Net(nn.Module):
         return self.layers(x).flatten(1)
 
 
-def to_channels_last(model: nn.Module) -> nn.Module:
-    """NHWC weights for every conv after the first block, in place; returns `model`. The first block stays
-    NCHW: on the CPU its 8-channel BatchNorm runs 3x slower in NHWC (8.4 against 2.7 ms forward and backward
-    at batch 128), more than NHWC saves in its conv. The second conv takes NCHW and gives NHWC (a conv's
-    output follows its weight's layout), and the rest of the net stays NHWC."""
-    for layer in model.layers[4:]:
-        layer.to(memory_format=torch.channels_last)
-    return model
-
-
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -65,59 +57,17 @@ def summary_table(model: nn.Module) -> str:
     return out.getvalue()
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d over the batches of every process: the sums are all-reduced with gradients
-    (torch.distributed.nn), so N processes compute what one does on the concatenated batch. Unlike
-    nn.SyncBatchNorm (GPUs only) it runs on gloo too. BatchNorm2d's parameters and buffers: weights load either way."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        c = self.num_features
-        count = x.new_tensor([x.numel() / c])
-        totals = dist_nn.all_reduce(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
-        n = totals[-1]
-        mean = totals[:c] / n
-        var = totals[c:2 * c] / n - mean * mean  # biased, as BatchNorm normalises with
-        with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)  # unbiased, as BatchNorm tracks
-            self.num_batches_tracked += 1
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        return (x - mean.view(1, c, 1, 1)) * scale.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-
-
-def sync_batchnorm(net: Net, device: torch.device) -> Net:
-    """The same network with BatchNorm statistics shared by all processes: nn.SyncBatchNorm where the run
-    trains on CUDA, else ours. Chosen by the run's device, not the machine's: a gloo run on the CPU of a
-    GPU machine would fail in nn.SyncBatchNorm."""
-    if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    for i, layer in enumerate(net.layers):
-        if isinstance(layer, nn.BatchNorm2d):
-            synced = SyncBatchNorm2d(layer.num_features, eps=layer.eps, momentum=layer.momentum)
-            synced.load_state_dict(layer.state_dict())
-            net.layers[i] = synced
-    return net
-
-
-def graph_training_step(net: Net, batch: int, device: torch.device, precision: str) -> Net:
-    """The network with its training forward and backward each replayed as one CUDA graph for full batches of
-    `batch` images (torch.cuda.make_graphed_callables, before DDP wraps the network: gradients still reach
-    DDP's hooks). Any other shape (an epoch's shorter last batch) and evaluation run eagerly. A step then costs
-    two graph launches instead of some hundred kernel launches. The capture's three warm-up passes would move
-    the BatchNorm statistics: they are put back, so the run trains from the same state as without graphs."""
-    net = net.to(device).train()
-    eager, saved = net.forward, [b.clone() for b in net.buffers()]
-    sample = torch.zeros(batch, 1, 28, 28, device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    # The kernels are fixed at capture: a mixed-precision run captures them under autocast, whose weight cache
-    # a graph cannot use (PyTorch asks for cache_enabled=False).
-    with torch.autocast("cuda", dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext():
-        torch.cuda.make_graphed_callables(net, (sample,))
-    with torch.no_grad():
-        for buffer, value in zip(net.buffers(), saved):
-            buffer.copy_(value)
-    graphed = net.forward  # falls back to `eager` by itself in eval mode
-    net.forward = lambda x: graphed(x) if x.shape == sample.shape else eager(x)
-    return net
+def load_net(path: str | Path) -> Net:
+    """A Net in eval mode with the weights of a run or checkpoint folder (its model.safetensors) or a
+    .safetensors file."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise RunError(f"no weights at '{file}': pass a run folder holding model.safetensors or a .safetensors file.")
+    try:
+        net = Net()  # a checkpoint of a --compile run names its weights _orig_mod.*
+        net.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in load_file(file).items()})
+    except Exception as err:  # not safetensors, truncated, unreadable, or another model's weights
+        detail = " ".join(str(err).split())[:300]  # a state_dict mismatch lists the keys on later lines
+        raise RunError(f"cannot load weights from '{file}' ({type(err).__name__}: {detail}).") from None
+    return net.eval()

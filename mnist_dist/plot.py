@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 
-def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
-    """Draw accuracy and loss per epoch for each named metrics dict into `path` (PNG)."""
+def curves_figure(runs: dict[str, dict]) -> plt.Figure:
+    """Accuracy and loss per epoch, training and validation, for each named metrics dict, with the target and
+    each stop marked."""
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for i, (name, m) in enumerate(runs.items()):
         ep = [e["epoch"] for e in m["epochs"]]
@@ -46,6 +47,12 @@ def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def draw_curves(runs: dict[str, dict], path: str | Path) -> None:
+    """`curves_figure` of `runs` into `path` (PNG)."""
+    fig = curves_figure(runs)
     fig.savefig(path)
     plt.close(fig)
 
@@ -105,3 +112,11 @@ def mistakes_figure(images, true, pred, limit: int = 48) -> plt.Figure:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def final_figures(images, final) -> dict:
+    """TensorBoard's pictures of the final scoring (a metrics.Score over `images`): the misclassified digits and
+    the confusion matrix."""
+    wrong = (final.pred != final.true).nonzero().flatten()
+    return {"test/mistakes": mistakes_figure(images[wrong], final.true[wrong], final.pred[wrong]),
+            "test/confusion_matrix": confusion_figure(final.confusion())}

@@ -15,8 +15,8 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from mnist_dist.data import MEAN, STD
-from mnist_dist.evaluate import load_net
-from mnist_dist.settings import RunError
+from mnist_dist.model import load_net
+from mnist_dist.errors import RunError
 
 INK = 0.1  # pixels above this fraction of the strongest stroke count as ink for the bounding box
 

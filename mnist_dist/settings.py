@@ -1,6 +1,7 @@
-"""What to train: one flat dataclass, from which the command line is generated. Where to run (processes,
-machines, precision) belongs to `accelerate launch` and its config. Each field's help gives its unit and
-scope. A run replays from its config.json (`--config runs/X/config.json`); command-line flags still win.
+"""What to train: one flat dataclass, from which the command line is generated, and its resolution against
+where the run is. Where to run (processes, machines, precision) belongs to `accelerate launch` and its config.
+Each field's help gives its unit and scope. A run replays from its config.json (`--config runs/X/config.json`);
+command-line flags still win.
 """
 import argparse
 import dataclasses
@@ -10,9 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class RunError(RuntimeError):
-    """A problem the user can fix: printed as one paragraph, without a traceback."""
+from mnist_dist.errors import RunError
 
 
 def _opt(default, help: str, **kw):
@@ -96,7 +95,10 @@ class Settings:
                            "--output-dir's newest if it has one, else start it (one command for a job that a "
                            "scheduler may restart)", nargs="?", const="latest")
     keep_checkpoints: int = _opt(2, "checkpoints kept per run (one is saved every epoch)")
-    timeout: int = _opt(120, "seconds a collective may wait for another rank before the job fails")
+    timeout: int = _opt(120, "seconds a collective of the training may wait for another rank before the job fails "
+                             "(a dead or stuck process), from the end of the first epoch on")
+    start_timeout: int = _opt(900, "seconds the processes may wait for each other until then: the main process "
+                                   "preparing MNIST, a restarted group joining, torch.compile's first graphs")
 
     def check(self) -> None:
         """Raise RunError naming the first invalid value and what is allowed."""
@@ -116,15 +118,39 @@ class Settings:
             (self.train_limit >= 0 and self.test_limit >= 0, "--train-limit/--test-limit must be 0 (all) or positive"),
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
-            (self.timeout >= 1, "--timeout must be at least 1 second"),
+            (self.timeout >= 1 and self.start_timeout >= 1, "--timeout/--start-timeout must be at least 1 second"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (not (self.cuda_graphs and self.compile), "--cuda-graphs and --compile each replace the eager step; "
                                                       "choose one"),
             (not (self.cuda_graphs and self.loader == "torchvision"), "--cuda-graphs needs --loader tensor"),
+            (self.output_dir or self.resume not in ("latest", "auto"),
+             f"--resume {'auto' if self.resume == 'auto' else 'without a path'} needs --output-dir: the run folder to "
+             "continue" + (" (or give it as --resume RUN_FOLDER)" if self.resume == "latest" else "")),
         ]:
             if not ok:
                 raise RunError(message)
         trackers(self.report_to)
+
+
+def check_precision(precision: str) -> None:
+    """Refuse, before Accelerate is set up, a precision that would not apply to this network anywhere."""
+    if precision == "fp8":
+        raise RunError("fp8 mixed precision would train this network in fp32: Accelerate converts only Linear and "
+                       "LayerNorm layers to fp8, and it has only Conv2d and BatchNorm. Use --mixed-precision bf16 "
+                       "(or fp16 on a GPU) or no.")
+
+
+def resolve(s: Settings, world: int, device: str, precision: str) -> Settings:
+    """The settings as this run trains them on `world` processes of `device` in `precision`: --global-batch-size
+    turned into the per-process batch, and the refusal of what cannot run there."""
+    if s.cuda_graphs and (device != "cuda" or (s.sync_bn and world > 1)):
+        raise RunError(f"--cuda-graphs needs a CUDA device and no --sync-bn across processes; this run has {device}"
+                       + (" and --sync-bn" if s.sync_bn and world > 1 else "") + ".")
+    if s.global_batch_size:
+        if s.global_batch_size % world:
+            raise RunError(f"--global-batch-size {s.global_batch_size} does not divide over {world} processes.")
+        s = dataclasses.replace(s, batch_size=s.global_batch_size // world)
+    return s
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,8 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from mnist_dist.data import MEAN, STD, make_loaders
+from mnist_dist.data import MEAN, STD, make_loaders, sharding
 from mnist_dist.settings import Settings
-from mnist_dist.train import sharding
 
 root, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 s = Settings(rotation=0, shift=0, batch_size=batch)

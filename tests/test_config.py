@@ -7,7 +7,8 @@ import pytest
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 
-from mnist_dist.settings import RunError, Settings, parse_args, trackers
+from mnist_dist.errors import RunError
+from mnist_dist.settings import Settings, parse_args, trackers
 
 from conftest import run
 
@@ -75,9 +76,10 @@ def test_a_bad_config_is_argparses_usage_error(tmp_path, capsys, content, says):
     assert says in capsys.readouterr().err
 
 
-def test_a_missing_config_file_is_named():
-    with pytest.raises(SystemExit):
+def test_a_missing_config_file_is_named(capsys):
+    with pytest.raises(SystemExit) as exit:
         parse_args(["--config", "no/such/config.json"])
+    assert exit.value.code == 2 and "--config no/such/config.json: " in capsys.readouterr().err
 
 
 def test_a_bad_config_stops_the_program_with_one_message_not_a_traceback(tmp_path):

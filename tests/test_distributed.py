@@ -1,18 +1,21 @@
 """Two CPU processes over gloo: the same code path that NCCL runs on GPUs."""
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from accelerate.utils import is_fp8_available
 from safetensors.torch import load_file
 
 from mnist_dist.distributed import check_launch, check_launcher, use_cpu
-from mnist_dist.settings import RunError
+from mnist_dist.errors import RunError
 
 from conftest import (ACCELERATE, POLL, PROBE, REPO, Job, at, count_correct, free_port, launch, launch_cmd,
                       read_metrics, run, scalars, write_idx)
@@ -89,9 +92,9 @@ def test_each_rank_trains_on_a_disjoint_shard_covering_the_set(tmp_path):
 
 @pytest.mark.parametrize("precision, says", [
     ("fp16", "fp16 mixed precision needs a CUDA GPU"),
-    pytest.param("fp8", "fp8", marks=pytest.mark.skipif(is_fp8_available(), reason="fp8 libraries are installed")),
+    ("fp8", "fp8 mixed precision would train this network in fp32"),  # with or without fp8's libraries
 ])
-def test_a_precision_this_machine_lacks_is_refused_in_one_line(tmp_path, mnist_root, precision, says):
+def test_a_precision_that_would_not_apply_is_refused_in_one_line(tmp_path, mnist_root, precision, says):
     result = launch(["--mixed-precision", precision, "--data-dir", str(mnist_root), "--output-dir", str(tmp_path / "r")])
     assert result.returncode == 1  # `accelerate launch -q`, one process, on bad input
     [error] = [line for line in result.stderr.splitlines() if line.startswith("mnist_dist: error:")]
@@ -131,6 +134,31 @@ def test_a_dead_rank_ends_the_whole_job_and_the_other_says_it_lost_it(tmp_path, 
     [lost] = [x for x in output.splitlines() if x.startswith("mnist_dist: error:")]
     assert lost.startswith("mnist_dist: error: process 0 lost the job's other processes ("), output[-3000:]
     assert not re.search(r'File ".*mnist_dist/\w+\.py"', output)  # no traceback of ours (the agent prints its own)
+
+
+def test_the_start_may_wait_past_timeout_and_training_may_not(tmp_path, mnist_root):
+    """--timeout is for a lost process during training; the start (the main process preparing MNIST, compiling)
+    waits up to --start-timeout. Rank 0 pauses in data preparation, rank 1 waits for it in a collective longer than
+    --timeout 3: the run goes on. Then rank 1 pauses at a poll of epoch 2 for as long: rank 0 gives up on it.
+    The pauses last a given time on purpose: that time, against the timeouts, is what is tested."""
+    flags = ["--epochs", "2", "--train-limit", "640", "--test-limit", "100", "--target-acc", "100", "--timeout", "3",
+             "--data-dir", str(mnist_root), "--output-dir"]
+
+    def paused(when, rank, out):
+        cmd, env = launch_cmd([*flags, str(out)], processes=2)
+        job = Job(cmd, {**env, **at(when, "PAUSE", rank=rank)})
+        pid = int(re.search(r"\(PID (\d+)\)", job.wait_for("probe: paused at"))[1])
+        time.sleep(6)  # twice --timeout
+        with contextlib.suppress(ProcessLookupError):  # the job gave up on it and ended it
+            os.kill(pid, signal.SIGUSR2)
+        return job, job.finish(deadline=120)
+
+    start, output = paused("call:mnist_dist.data.prepare_mnist", 0, tmp_path / "start")
+    assert start.process.returncode == 0, output[-3000:]
+    assert read_metrics(tmp_path / "start")["stop_epoch"] == 2
+    late, output = paused(f"{POLL}:2", 1, tmp_path / "late")  # 5 steps an epoch, one poll each: epoch 2
+    assert late.process.returncode == 1, output[-3000:]
+    assert "mnist_dist: error: process 0 lost the job's other processes" in output, output[-3000:]
 
 
 def test_fixed_global_batch_follows_the_one_process_trajectory(tmp_path, mnist_root):

@@ -1,6 +1,5 @@
 """Bad input gets one clear paragraph and a non-zero status, never a traceback, and overwrites nothing."""
 import contextlib
-import gzip
 import json
 import os
 import re
@@ -8,12 +7,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mnist_dist.data import RESOURCES
-from mnist_dist.evaluate import load_net
+from mnist_dist.model import load_net
 
 from conftest import POLL, SAVE, Job, at, launch, launch_cmd, run, write_idx
 
@@ -24,13 +23,6 @@ def train(*args):
     return result
 
 
-def test_corrupt_data_files(tmp_path):
-    for name, _ in RESOURCES:
-        (tmp_path / name).write_bytes(gzip.compress(b"not mnist"))
-    result = train("--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "r"))
-    assert result.returncode == 2 and "corrupt" in result.stderr and "delete it" in result.stderr
-
-
 def test_output_folder_that_cannot_be_written(tmp_path, mnist_root):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -38,16 +30,22 @@ def test_output_folder_that_cannot_be_written(tmp_path, mnist_root):
     assert result.returncode == 2 and "cannot write the run folder" in result.stderr
 
 
-def test_a_loss_diverging_in_epoch_1_stops_at_once_and_names_no_checkpoint(tmp_path, mnist_root):
+def test_a_loss_diverging_in_epoch_1_stops_at_once_and_its_advice_starts_anew(tmp_path, mnist_root):
     out = tmp_path / "r"
-    result = train("--lr", "1e6", "--epochs", "3", "--train-limit", "3000", "--test-limit", "200",
-                   "--data-dir", str(mnist_root), "--output-dir", str(out))
+    flags = ["--lr", "1e6", "--epochs", "3", "--train-limit", "3000", "--test-limit", "200",
+             "--data-dir", str(mnist_root), "--output-dir", str(out)]
+    result = train(*flags)
     assert result.returncode == 2
-    assert "the loss diverged at epoch 1, by step 10 of" in result.stderr and "checkpoint" not in result.stderr
+    assert "the loss diverged at epoch 1, by step 10 of" in result.stderr
     assert not (out / "model.safetensors").exists()
+    advice = re.search(r"the same command, plus (.*)\.$", result.stderr.strip()).group(1).split()
+    assert advice == ["--lr", "500000", "--output-dir", f"{out}-lr500000"]
+    followed = train(*flags, *advice)  # 500,000 diverges too: what counts is that the command is taken
+    assert "diverged at epoch 1" in followed.stderr and "cannot" not in followed.stderr
+    assert json.loads(Path(f"{out}-lr500000", "config.json").read_text())["lr"] == 500000
 
 
-def test_a_loss_diverging_after_epoch_1_keeps_that_checkpoint_which_loads(tmp_path, mnist_root):
+def test_a_loss_diverging_after_epoch_1_keeps_that_checkpoint_and_a_resume_does_not_change_lr(tmp_path, mnist_root):
     # One step per epoch: epoch 1 computes its loss with the initial weights, then a first Adam
     # step of lr/25 = 40,000 throws them far away; epoch 2's first loss diverges.
     out = tmp_path / "r"
@@ -56,11 +54,12 @@ def test_a_loss_diverging_after_epoch_1_keeps_that_checkpoint_which_loads(tmp_pa
     result = train(*flags)
     assert result.returncode == 2 and "the loss diverged at epoch 2, by step 1 of 1" in result.stderr
     kept = out / "checkpoints" / "epoch_0001"
-    assert f"resume from '{kept}', which is kept" in result.stderr
     assert load_net(kept / "model.safetensors") is not None  # the weights load
     again = train(*flags, "--resume")  # and the whole state resumes, diverging again in epoch 2
     assert "resumed from" in again.stdout and "after epoch 1" in again.stdout
     assert again.returncode == 2 and "diverged at epoch 2" in again.stderr
+    # Its advice starts anew, without --resume: a lower --lr is another trajectory.
+    assert "the same command without --resume, plus --lr 500000 --output-dir" in again.stderr
 
 
 def test_a_bad_resume_path_is_refused_and_writes_nothing_into_an_existing_run_folder(tmp_path, mnist_root):
@@ -137,8 +136,8 @@ def test_a_full_disk_is_one_error_naming_the_path_and_the_run_resumes_once_there
         assert f"The last complete checkpoint is '{out / 'checkpoints' / 'epoch_0001'}'" in stderr
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]  # no .partial left
 
-        filler.unlink()
-        resumed = launch(flags + ["--resume"], processes=2, timeout=300)
+        filler.unlink()  # there is room: the advice, followed to the letter
+        resumed = launch(flags + ["--resume", str(out / "checkpoints" / "epoch_0001")], processes=2, timeout=300)
         assert resumed.returncode == 0, resumed.stderr
         assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2, 3]
 
@@ -163,8 +162,8 @@ def test_a_log_write_failing_mid_epoch_stops_every_rank_at_once_and_the_run_resu
         # No exception of ours escaped (TensorBoard's writer thread prints its own, which may show our
         # log() frame: that is where its error surfaced).
         assert not re.search(r'File ".*mnist_dist/train\.py", line \d+, in main', output)
-        remount("rw")
-        resumed = launch(flags + ["--resume"], processes=2, timeout=300)
+        remount("rw")  # it can be written: the advice, followed to the letter
+        resumed = launch(flags + ["--resume", str(out / "checkpoints" / "epoch_0001")], processes=2, timeout=300)
         assert resumed.returncode == 0, resumed.stderr
         assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
 
@@ -194,8 +193,45 @@ def test_cuda_graphs_on_the_cpu_are_refused_in_one_line_before_the_run_folder_is
     result = train("--cuda-graphs", "--data-dir", str(mnist_root), "--output-dir", str(out))
     assert result.returncode == 2 and result.stdout.count("\n") <= 1, result.stdout
     assert result.stderr.strip().splitlines() == [
-        "mnist_dist: error: --cuda-graphs needs a CUDA device, mixed precision no, bf16 or fp16, and no --sync-bn "
-        "across processes; this run has cpu, mixed precision no."]
+        "mnist_dist: error: --cuda-graphs needs a CUDA device and no --sync-bn across processes; this run has cpu."]
     assert not (out / "config.json").exists()
     both = train("--cuda-graphs", "--compile", "--data-dir", str(mnist_root), "--output-dir", str(out))
     assert both.returncode == 2 and "choose one" in both.stderr
+
+
+def test_fp8_is_refused_before_anything_is_written_and_its_advice_trains(tmp_path, mnist_root):
+    """Accelerate converts only Linear and LayerNorm layers to fp8, and this network has neither: with the libraries
+    for fp8 installed the run would train in fp32 under the name fp8. Refused from the flag and from the launcher."""
+    out = tmp_path / "r"
+    flags = ["--epochs", "1", "--train-limit", "128", "--test-limit", "100", "--data-dir", str(mnist_root),
+             "--output-dir", str(out)]
+    for how in (["--mixed-precision", "fp8"], []):
+        result = run([sys.executable, "-m", "mnist_dist.train", *flags, *how], timeout=300,
+                     env={} if how else {"ACCELERATE_MIXED_PRECISION": "fp8"})
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("mnist_dist: error: fp8 mixed precision would train")
+        assert not out.exists()
+    followed = train(*flags, "--mixed-precision", "bf16")  # "Use --mixed-precision bf16"
+    assert followed.returncode == 0, followed.stderr
+    assert json.loads((out / "config.json").read_text())["mixed_precision"] == "bf16"
+
+
+def test_a_mid_epoch_checkpoint_past_a_smaller_epochs_is_refused_and_its_advice_finishes(tmp_path, mnist_root):
+    """A checkpoint saved 10 steps into epoch 2, resumed with --epochs 1, would end the run on part-trained weights
+    under epoch 1's metrics."""
+    out = tmp_path / "r"
+    flags = ["--train-limit", "1280", "--test-limit", "100", "--target-acc", "100", "--data-dir", str(mnist_root),
+             "--output-dir", str(out)]
+    stopped = run([sys.executable, "-m", "mnist_dist.train", *flags, "--epochs", "3"], timeout=300,
+                  env=at(f"{POLL}:3", "TERM>self"))  # 20 steps an epoch, polled at 10 and 20: epoch 2, step 10
+    assert stopped.returncode == 143, stopped.stderr
+    saved = out / "checkpoints" / "epoch_0001_step_00010"
+    assert f"saved {saved}" in stopped.stderr
+    refused = train(*flags, "--epochs", "1", "--resume", str(saved))
+    assert refused.returncode == 2
+    assert "saved 10 steps into epoch 2, past --epochs 1" in refused.stderr
+    assert "Resume it with --epochs 2 or more." in refused.stderr
+    followed = train(*flags, "--epochs", "2", "--resume", str(saved))
+    assert followed.returncode == 0, followed.stderr
+    assert [e["epoch"] for e in json.loads((out / "metrics.json").read_text())["epochs"]] == [1, 2]
+

@@ -2,7 +2,8 @@ import re
 
 import torch
 
-from mnist_dist.model import Net, count_params, summary_table, to_channels_last
+from mnist_dist.model import Net, count_params, summary_table
+from mnist_dist.speed import to_channels_last
 
 # The seed's summary table: (layer, output shape without batch, parameters).
 SEED_TABLE = [

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from mnist_dist.checkpoint import PROGRESS, TRAJECTORY, find
-from mnist_dist.settings import RunError, Settings
+from mnist_dist.manifest import seal
+from mnist_dist.errors import RunError
+from mnist_dist.settings import Settings
 
 from conftest import POLL, at, read_metrics, run, scalars
 
@@ -103,6 +105,7 @@ MAY_CHANGE = {
     "data_dir": "the same files anywhere", "output_dir": "where the run is", "resume": "how to find it",
     "config": "read into the other settings", "report_to": "where it is logged",
     "keep_checkpoints": "how many are kept", "timeout": "how long a collective waits",
+    "start_timeout": "how long the start may wait",
     "compile": "the same network, compiled", "cuda_graphs": "the same kernels, replayed"}
 
 
@@ -118,7 +121,8 @@ def test_every_trajectory_setting_is_refused_on_resume(tmp_path):
     folder = tmp_path / "checkpoints" / "epoch_0001"
     folder.mkdir(parents=True)
     torch.save({"trajectory": saved}, folder / PROGRESS)
-    (folder / "random_states_0.pkl").write_bytes(b"")
+    torch.save({}, folder / "random_states_0.pkl")
+    assert seal(folder) is None  # its manifest.json: a checkpoint known to be whole
     assert find("latest", tmp_path, saved) == folder
     for key, value in saved.items():
         other = (not value) if isinstance(value, bool) else value + (1 if isinstance(value, (int, float)) else "x")

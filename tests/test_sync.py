@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mnist_dist.data import DeviceMNIST, consecutive_runs, whole_batch
-from mnist_dist.model import Net, SyncBatchNorm2d, sync_batchnorm
+from mnist_dist.distributed import SyncBatchNorm2d, sync_batchnorm
+from mnist_dist.model import Net
 
 from conftest import REPO, read_metrics, run
 

@@ -13,7 +13,7 @@ import time
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mnist_dist.train import reached
+from mnist_dist.metrics import reached
 
 from conftest import ACCELERATE, count_correct, launch, popen, read_metrics, run
 
@@ -83,7 +83,10 @@ def test_launch_one_process_writes_the_whole_run_folder(tmp_path, mnist_root):
     assert [(e.step, e.value) for e in acc.Scalars("val/acc")] == [
         (20 * e["epoch"], pytest.approx(e["val_acc"])) for e in m["epochs"]]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    # The trainer records the threads it took (one here: the suite gives each program one) and says them.
+    assert config["threads"] == int(os.environ.get("OMP_NUM_THREADS", CORES))
+    assert f"{config['threads']} thread(s) each" in result.stdout
     # The reported accuracy is that of the saved weights, to the image.
     assert count_correct(out / "model.safetensors", mnist_root, 301) == m["epochs"][-1]["val_correct"]
 
@@ -94,8 +97,13 @@ def test_run_folder_holding_a_run_is_refused(tmp_path, mnist_root):
     (out / "config.json").write_text("{}")
     result = launch(["--epochs", "1", "--data-dir", str(mnist_root), "--output-dir", str(out)])
     assert result.returncode != 0
-    assert "already holds a run" in result.stderr
+    assert "already holds a run. To continue it, add --resume auto;" in result.stderr
     assert (out / "config.json").read_text() == "{}"
+    # Followed to the letter: a folder whose run left no checkpoint starts that run again.
+    followed = launch(["--epochs", "1", "--train-limit", "128", "--test-limit", "100", "--data-dir", str(mnist_root),
+                       "--output-dir", str(out), "--resume", "auto"])
+    assert followed.returncode == 0, followed.stderr
+    assert read_metrics(out)["stop_epoch"] == 1
 
 
 def test_val_split_on_two_processes_validates_on_held_out_training_images_and_tests_once(tmp_path, mnist_root):
@@ -138,6 +146,8 @@ def test_a_terminal_gets_a_progress_bar_with_throughput(tmp_path, mnist_root):
 
 
 CORES = len(os.sched_getaffinity(0))
+# What a trainer does with its threads before it trains, without the training: the launcher's start is the test.
+THREADS = "from mnist_dist.distributed import set_threads\nprint('threads', set_threads(), flush=True)\n"
 
 
 @pytest.mark.parametrize("launcher, env, expected", [
@@ -146,14 +156,13 @@ CORES = len(os.sched_getaffinity(0))
     (["--num_cpu_threads_per_process", "1"], {}, 1),  # the user's choice, on the launcher's command line
     (["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"], {"ACCELERATE_USE_CPU": "1"}, max(1, CORES // 2)),
 ])
-def test_every_core_is_used_unless_the_user_chose_the_threads(tmp_path, mnist_root, launcher, env, expected):
-    out = tmp_path / "run"
-    result = run([ACCELERATE, "launch", "-q", *launcher, "-m", "mnist_dist.train", "--epochs", "1", "--train-limit",
-                  "128", "--test-limit", "100", "--data-dir", str(mnist_root), "--output-dir", str(out)], timeout=300,
+def test_every_core_is_used_unless_the_user_chose_the_threads(tmp_path, launcher, env, expected):
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS)
+    result = run([ACCELERATE, "launch", "-q", *launcher, str(script)], timeout=120,
                  env={"OMP_NUM_THREADS": None, "ACCELERATE_USE_CPU": None, **env})
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "config.json").read_text())["threads"] == expected
-    assert f"{expected} thread(s) each" in result.stdout
+    assert set(result.stdout.split("\n")) - {""} == {f"threads {expected}"}
 
 
 def test_the_torchvision_loader_scores_as_the_tensor_loader_does_and_report_to_none_logs_nothing(tmp_path, mnist_root):
