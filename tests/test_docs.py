@@ -48,7 +48,7 @@ def test_the_readme_is_short_and_opens_with_the_two_commands():
 MODULES = sorted((REPO / "mnist_dist").glob("*.py"))
 
 
-@pytest.mark.parametrize("module", [m for m in MODULES if m.name != "__init__.py"], ids=lambda p: p.name)
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.name)
 def test_every_module_says_its_job_and_no_function_is_over_a_screen(module):
     tree = ast.parse(module.read_text())
     assert ast.get_docstring(tree), f"{module.name} opens with no docstring"
