@@ -128,7 +128,9 @@ class DeviceMNIST(Dataset):
     the very permutation its seedable sampler would, so runs keep that sampler's order to the bit."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0, shift: float = 0.0):
-        self.x = ((images.float() / 255 - MEAN) / STD).unsqueeze(1).to(device)
+        # In place, the same operations in the same order (the same bits): each new 188 MB temporary of the
+        # 60,000 images costs its page faults, 0.2-0.3 s apiece on a 2-core machine.
+        self.x = images.float().div_(255).sub_(MEAN).div_(STD).unsqueeze(1).to(device)
         self.y = labels.to(device)
         self.rotation, self.shift = rotation, shift
         self.seed = None  # set by shuffle()
