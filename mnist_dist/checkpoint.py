@@ -59,6 +59,10 @@ class Progress:
     trajectory: dict = field(default_factory=dict)  # TRAJECTORY's values for this run
     seconds: float = 0.0  # the run's wall seconds up to this checkpoint, over all its processes so far
 
+    def step(self, steps: int) -> int:
+        """Optimizer steps taken so far, at `steps` per epoch."""
+        return self.epoch * steps + self.batches_done
+
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -11,11 +11,28 @@ def reached(correct: int, total: int, target_acc: float) -> bool:
     return 100 * correct / total >= target_acc
 
 
-def met(history: list[dict], batches_done: int, target_acc: float) -> bool:
-    """Whether the last completed epoch of `history` reached the target, with no steps taken since (a resumed run
-    that did trains no further)."""
-    return bool(history) and not batches_done and reached(history[-1]["val_correct"], history[-1]["val_total"],
-                                                          target_acc)
+def met(history: list[dict], step: int, steps: int, target_acc: float) -> bool:
+    """Whether the last evaluation of `history` reached the target, with no step taken since it (a resumed run that
+    did trains no further). `step`: optimizer steps so far; `steps`: per epoch (a row saved before rows had a
+    step was made at its epoch's end)."""
+    if not history:
+        return False
+    last = history[-1]
+    return last.get("step", last["epoch"] * steps) == step and reached(last["val_correct"], last["val_total"],
+                                                                      target_acc)
+
+
+def evaluation_points(steps: int, every: float) -> dict[int, float]:
+    """The steps into an epoch of `steps` at which --eval-every evaluates before its end, each with the fraction
+    of the epoch it stands for (the row's epoch: 3.5, not 3.4989 for step 234 of 469)."""
+    n = round(1 / every)
+    points = {round(j * steps / n): j / n for j in range(1, n)}
+    return {done: part for done, part in points.items() if 0 < done < steps}
+
+
+def epoch_label(epoch: int, part: float) -> int | float:
+    """A row's epoch: a whole number at an epoch's end, else the fraction reached (3.5)."""
+    return epoch + 1 if part == 1 else round(epoch + part, 4)
 
 
 @dataclass
@@ -57,7 +74,7 @@ def score(model, loader, accelerator: Accelerator) -> Score:
 
 def epoch_line(row: dict, epochs: int) -> str:
     """An epoch of the history as the log prints it."""
-    return (f"epoch {row['epoch']:2d}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+    return (f"epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}% ({row['val_correct']}/{row['val_total']})  "
             f"{row['seconds']:.1f} s")
 

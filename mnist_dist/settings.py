@@ -64,6 +64,8 @@ class Settings:
     ema: float = _opt(0.998, "evaluate, stop on and save an exponential moving average of the weights with this "
                              "decay per optimizer step, its BatchNorm statistics recomputed on 4,096 training "
                              "images (0 = the trained weights themselves)")
+    eval_every: float = _opt(1.0, "evaluate every this fraction of an epoch, which it must divide evenly (0.5: at "
+                                  "each half); the stop may come at any of these points, and training is the same")
     seed: int = _opt(1, "seed for weights, shuffling, dropout and augmentation")
     data_dir: str = _opt("data", "MNIST root; filled from the offline copy or a download if empty")
     output_dir: str = _opt("", "run folder; default: a new runs/<timestamp>")
@@ -114,6 +116,8 @@ class Settings:
             (self.rotation >= 0, "--rotation is a non-negative number of degrees"),
             (0 <= self.shift < 14, "--shift is a number of pixels in [0, 14)"),
             (0 <= self.ema < 1, "--ema is a decay per step in [0, 1) (0: off)"),
+            (0 < self.eval_every <= 1 and abs(1 / self.eval_every - round(1 / self.eval_every)) < 0.01,
+             "--eval-every is a fraction of an epoch that divides it evenly: 1, 0.5, 0.25, 0.2, ..."),
             (self.val_split >= 0, "--val-split must be 0 (off) or a number of images"),
             (self.train_limit >= 0 and self.test_limit >= 0, "--train-limit/--test-limit must be 0 (all) or positive"),
             (self.workers >= 0, "--workers must be 0 or more"),

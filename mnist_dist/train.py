@@ -8,7 +8,6 @@ Options: `python -m mnist_dist.train --help`. `train()` tells the story; each st
 """
 import copy
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from mnist_dist import job
-from mnist_dist.errors import Interrupted, RunError
+from mnist_dist.errors import RunError
 from mnist_dist.settings import Settings, check_precision, parse_args, resolve, trackers
 
 job.watch_launcher()  # before the imports below, which take seconds: no trainer outlives its launcher
@@ -35,20 +34,14 @@ from mnist_dist.checkpoint import TRAJECTORY, Progress  # noqa: E402
 from mnist_dist.data import load_tensors, make_loaders, prepare_mnist, sharding  # noqa: E402
 from mnist_dist.distributed import (check_launch, check_launcher, collective_timeout, join_restarted_group,  # noqa: E402
                                     set_threads, sync_batchnorm, together, use_cpu)
-from mnist_dist.metrics import Score, epoch_line, final_line, met, run_metrics, score  # noqa: E402
+from mnist_dist.metrics import (Score, epoch_label, epoch_line, evaluation_points, final_line, met,  # noqa: E402
+                                run_metrics, score)
 from mnist_dist.model import Net, count_params, summary_table  # noqa: E402
+from mnist_dist.poll import DIVERGED, POLL_STEPS, poll, since_row  # noqa: E402
 from mnist_dist.plot import final_figures  # noqa: E402
 from mnist_dist.schedule import Schedule  # noqa: E402
 from mnist_dist.speed import keep_freed_memory, to_channels_last, tune  # noqa: E402
 from mnist_dist.tracking import Trackers, inside  # noqa: E402
-
-# Cross-entropy over 10 classes starts near ln(10) = 2.3 nats: a loss above this has diverged,
-# even while Adam keeps the numbers finite.
-DIVERGED = 1e3
-# Steps between the ranks' exchanges of mean loss, divergence and stop signals. Every step would add
-# a collective (and on a GPU a host sync) to each tiny step; 10 steps of a stop request cost ~0.1 s.
-POLL_STEPS = 10
-
 
 @dataclass
 class Run:
@@ -63,6 +56,8 @@ class Run:
     stop: job.StopSignals
     trackers: Trackers
     seconds_before: float = 0.0  # a resumed run's wall seconds in its earlier processes, up to the checkpoint
+    t_row: float = 0.0  # when training since the history's last row began (time.perf_counter)
+    scored: Score | None = None  # this process's last evaluation
 
     def spent(self) -> float:
         """Wall seconds of the run so far, over resumes (what a killed process did after its checkpoint is lost)."""
@@ -148,52 +143,24 @@ def resume_or_start(run: Run, parts: Parts) -> Progress:
         run.seconds_before = progress.seconds
         run.accelerator.print(f"resumed from {run.resume_from} after epoch {progress.epoch}"
                               + (f", step {progress.batches_done}" if progress.batches_done else ""))
-        if progress.batches_done and progress.epoch >= run.s.epochs:  # every rank alike: the same checkpoint
+        if progress.batches_done and progress.epoch >= run.s.epochs and not finished(run, parts, progress):
             raise RunError(f"'{run.resume_from}' was saved {progress.batches_done} steps into epoch "
                            f"{progress.epoch + 1}, past --epochs {run.s.epochs}: the run would end on part-trained "
                            f"weights. Resume it with --epochs {progress.epoch + 1} or more.")
-    run.trackers.start(run.info, parts.summary, progress.epoch * len(parts.train) + progress.batches_done)
+    run.trackers.start(run.info, parts.summary, progress.step(len(parts.train)))
     return progress
 
 
-def poll(run: Run, progress: Progress, window: torch.Tensor, local: torch.Tensor, done: int, steps: int,
-         lr: float) -> None:
-    """Every POLL_STEPS steps, one small all-reduce: the global mean loss, and the flags every rank
-    must act on alike (a diverged loss, a failed log write, a stop signal). Its `.tolist()` is the one time
-    in POLL_STEPS steps that a GPU's host waits for the device."""
-    acc, s = run.accelerator, run.s
-    # fill_ takes a number by value; a tensor made of the flags would be a copy from the host, and a wait.
-    window[3].fill_(bool(run.trackers.error))
-    window[4].fill_(bool(run.stop.received))
-    loss_sum, bad_loss, steps_summed, log_failed, interrupted = acc.reduce(window, "sum").tolist()
-    if log_failed:
-        last = checkpoint.newest(run.out)
-        then = f"Once it can be written, continue with --resume {last}." if last else "No checkpoint was saved yet."
-        raise RunError(f"{run.trackers.error or 'a tracker failed on the main process'}; training stopped. {then}")
-    run.trackers.log({"step/loss": loss_sum / steps_summed, "step/lr": lr}, progress.epoch * steps + done)
-    window.zero_()
-    if bad_loss:  # a lower --lr is another trajectory, which no checkpoint of this run can continue
-        new = f" --output-dir {run.out}-lr{s.lr / 2:g}" if s.output_dir or s.resume else ""  # not this run's folder
-        raise RunError(f"the loss diverged at epoch {progress.epoch + 1}, by step {done} of {steps}; training stopped. "
-                       f"Start anew with a lower learning rate: the same command{' without --resume' * bool(s.resume)}, "
-                       f"plus --lr {s.lr / 2:g}{new}.")
-    if interrupted:
-        progress.carried = (acc.reduce(local.clone(), "sum").cpu() + torch.tensor(progress.carried)).tolist()
-        progress.batches_done = done
-        progress.seconds = run.spent()
-        saved = checkpoint.save(acc, run.out, progress, s.keep_checkpoints)
-        raise Interrupted(run.stop.received[0] if run.stop.received else signal.SIGTERM, saved)
-
-
-def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float]:
-    """One epoch, or what is left of it after a mid-epoch resume.
-    Returns (loss x images, correct, images) summed over every rank and the whole epoch."""
+def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float] | None:
+    """One epoch (or its rest, after a mid-epoch resume) with its evaluations within (--eval-every). Returns the
+    training sums since the history's last row (since_row), or None where one of those evaluations met the target."""
     acc, steps, done = run.accelerator, len(parts.train), progress.batches_done
     parts.model.train()
     parts.train.set_epoch(progress.epoch + 1)
     batches = acc.skip_first_batches(parts.train, done) if done else parts.train
+    within = evaluation_points(steps, run.s.eval_every)
     # Sums kept on the device, so that no step waits for it; `new_tensor(1)` would copy from the host.
-    local = torch.zeros(3, device=acc.device)  # this rank's loss x images, correct, images
+    local = torch.zeros(3, device=acc.device)  # this rank's loss x images, correct, images since the last row
     window = torch.zeros(5, device=acc.device)  # since the last poll: loss sum, bad losses, steps; poll's 2 flags
     one = torch.ones((), device=acc.device)
     # One bar per machine (its first process), and only on a terminal: a log file would fill with redraws.
@@ -213,13 +180,33 @@ def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float]:
         loss = loss.detach()
         local += torch.stack([loss * len(y), (logits.argmax(1) == y).sum(), one * len(y)])
         window[:3] += torch.stack([loss, ~(loss < DIVERGED), one])  # the flag is also set by nan
+        # Before the poll: a checkpoint that a signal makes at this step then holds this point's row.
+        if done in within and evaluate_within(run, parts, progress, local, done, within[done]):
+            bar.close()
+            return None
         if done % POLL_STEPS == 0 or done == steps:
             poll(run, progress, window, local, done, steps, parts.optimizer.param_groups[0]["lr"])
             if not bar.disable:  # a host wait for the bar's numbers, only where someone watches
                 loss_sum, hits, seen = local.tolist()
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * hits / seen:.2f}%",
                                 img_s=f"{seen * acc.num_processes / (time.perf_counter() - t0):,.0f}")
-    return (acc.reduce(local, "sum").cpu() + torch.tensor(progress.carried)).tolist()
+    return since_row(acc, local, progress)
+
+
+def evaluate_within(run: Run, parts: Parts, progress: Progress, local: torch.Tensor, done: int, part: float) -> bool:
+    """An evaluation `done` steps into the epoch (--eval-every): a row of the history; True where the run stops
+    here on the target, with a checkpoint of this point. Every rank must call it; every rank answers alike."""
+    sums, progress.carried, progress.batches_done = since_row(run.accelerator, local, progress), [0.0] * 3, done
+    local.zero_()
+    # The evaluation's loader draws its seed from the stream that augmentation and dropout draw from; put back,
+    # the stream, and so the trajectory, stay those of a run that evaluates at epoch ends only.
+    with torch.random.fork_rng(devices=[]):
+        record(run, parts, progress, sums, epoch_label(progress.epoch, part))
+    parts.model.train()  # scored itself with --ema 0
+    if finished(run, parts, progress):
+        checkpoint.save(run.accelerator, run.out, progress, run.s.keep_checkpoints)
+        run.accelerator.set_trigger()
+    return run.accelerator.check_trigger()  # a sum over ranks: every rank leaves at the same point
 
 
 def evaluated(run: Run, parts: Parts) -> torch.nn.Module:
@@ -229,31 +216,43 @@ def evaluated(run: Run, parts: Parts) -> torch.nn.Module:
     return parts.average.ready(run.accelerator) if parts.average else parts.model
 
 
-def end_epoch(run: Run, parts: Parts, progress: Progress, totals: list[float], t0: float) -> Score:
-    """Evaluate, record the epoch in the history, the trackers and the log, and save a checkpoint."""
-    acc, s = run.accelerator, run.s
-    train_seconds = time.perf_counter() - t0
+def finished(run: Run, parts: Parts, progress: Progress) -> bool:
+    """Whether the history's last row met the target, with no step taken since."""
+    return met(progress.history, progress.step(len(parts.train)), len(parts.train), run.s.target_acc)
+
+
+def record(run: Run, parts: Parts, progress: Progress, sums: list[float], epoch: int | float) -> None:
+    """Score what the run evaluates, and record it at this point of `epoch`: a row of the history, the trackers,
+    the log line. Every rank must call it."""
+    acc = run.accelerator
+    train_seconds = time.perf_counter() - run.t_row
     val = score(evaluated(run, parts), parts.val, acc)
-    loss_sum, hits, seen = totals
-    row = {"epoch": progress.epoch + 1, "train_loss": loss_sum / seen, "train_acc": 100 * hits / seen,
-           "val_loss": val.loss, "val_acc": 100 * val.correct / val.total, "seconds": time.perf_counter() - t0,
-           "train_seconds": train_seconds, "train_images": int(seen), "val_correct": val.correct,
-           "val_total": val.total, "elapsed": run.spent()}
+    loss_sum, hits, seen = sums
+    row = {"epoch": epoch, "step": progress.step(len(parts.train)), "train_loss": loss_sum / seen,
+           "train_acc": 100 * hits / seen, "val_loss": val.loss, "val_acc": 100 * val.correct / val.total,
+           "seconds": time.perf_counter() - run.t_row, "train_seconds": train_seconds, "train_images": int(seen),
+           "val_correct": val.correct, "val_total": val.total, "elapsed": run.spent()}
     progress.history.append(row)
-    progress.epoch, progress.batches_done, progress.carried = row["epoch"], 0, [0.0, 0.0, 0.0]
     progress.seconds = row["elapsed"]
-    run.trackers.log_epoch(row, parts.optimizer.param_groups[0]["lr"], row["epoch"] * len(parts.train))
-    acc.print(epoch_line(row, s.epochs))
-    checkpoint.save(acc, run.out, progress, s.keep_checkpoints)
-    return val
+    run.trackers.log_epoch(row, parts.optimizer.param_groups[0]["lr"], row["step"])
+    acc.print(epoch_line(row, run.s.epochs))
+    run.t_row, run.scored = time.perf_counter(), val
 
 
-def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> dict:
+def end_epoch(run: Run, parts: Parts, progress: Progress, sums: list[float]) -> None:
+    """Evaluate and record the epoch's end, and save a checkpoint."""
+    progress.batches_done = len(parts.train)  # the row's step: the epoch's last
+    record(run, parts, progress, sums, epoch_label(progress.epoch, 1))
+    progress.epoch, progress.batches_done, progress.carried = progress.epoch + 1, 0, [0.0, 0.0, 0.0]
+    checkpoint.save(run.accelerator, run.out, progress, run.s.keep_checkpoints)
+
+
+def finish(run: Run, parts: Parts, progress: Progress) -> dict:
     """The final metrics; the main process writes the run's files and the trackers' report."""
     s, acc = run.s, run.accelerator
     tested = parts.test is not None  # the test set scored once more only if the loop has not just done it
     net = evaluated(run, parts)
-    final = score(net, parts.test if tested else parts.val, acc) if tested or last is None else last
+    final = score(net, parts.test if tested else parts.val, acc) if tested or not run.scored else run.scored
     metrics = run_metrics(s, progress.history, count_params(parts.model), acc.num_processes, acc.mixed_precision,
                           len(parts.average.images.dataset) if parts.average else 0, final if tested else None)
     try:
@@ -261,7 +260,7 @@ def finish(run: Run, parts: Parts, progress: Progress, last: Score | None) -> di
         weights = acc.unwrap_model(net, keep_torch_compile=False).state_dict()
         together(rundir.write_results, run.out, weights, metrics, main_only=True)
         pictures = lambda: final_figures(load_tensors(run.data_root, False, s.test_limit)[0], final)  # noqa: E731
-        together(run.trackers.report, run.info, metrics, pictures, progress.epoch * len(parts.train), main_only=True)
+        together(run.trackers.report, run.info, metrics, pictures, progress.step(len(parts.train)), main_only=True)
     except RunError as err:
         raise RunError(f"{err}. The checkpoint '{checkpoint.newest(run.out)}' is complete: once there is room, "
                        "the same command with --resume writes the run's files.") from None
@@ -276,18 +275,19 @@ def train(s: Settings) -> dict:
     parts = build(run)
     progress = resume_or_start(run, parts)
     run.accelerator.print(rundir.banner(run.info, count_params(parts.model), len(parts.train)))
-    last = None
     job.training.set()  # a launcher that dies from now on gets a checkpoint
-    while progress.epoch < run.s.epochs and not met(progress.history, progress.batches_done, run.s.target_acc):
-        t0 = time.perf_counter()
-        totals = train_epoch(run, parts, progress)
-        last = end_epoch(run, parts, progress, totals, t0)
+    while progress.epoch < run.s.epochs and not finished(run, parts, progress):
+        run.t_row = time.perf_counter()
+        sums = train_epoch(run, parts, progress)
+        if sums is None:  # an evaluation within the epoch met the target
+            break
+        end_epoch(run, parts, progress, sums)
         collective_timeout(run.s.timeout)  # the start is over: from now on a wait this long means a lost process
-        if met(progress.history, progress.batches_done, run.s.target_acc):
+        if finished(run, parts, progress):
             run.accelerator.set_trigger()
         if run.accelerator.check_trigger():  # a sum over ranks: every rank leaves on the same epoch
             break
-    return finish(run, parts, progress, last)
+    return finish(run, parts, progress)
 
 
 def main(argv: list[str] | None = None, settings: Settings | None = None) -> int:

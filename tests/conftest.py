@@ -135,7 +135,7 @@ def launch(args: list[str], processes: int = 1, timeout: float = 600, env: dict 
     return run(cmd, timeout=timeout, env={**launch_env, **(env or {})})
 
 
-POLL = "call:mnist_dist.train.poll"  # every 10 steps: f"{POLL}:2" is step 20 of epoch 1
+POLL = "call:mnist_dist.poll.poll"  # every 10 steps: f"{POLL}:2" is step 20 of epoch 1
 SAVE = "call:accelerate.accelerator.save_state"  # each checkpoint
 
 

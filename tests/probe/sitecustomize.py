@@ -7,7 +7,7 @@ PROBE_DTYPES=1 (with PROBE_LOG): also the output dtype and batch size of every C
 PROBE_AT=WHEN and PROBE_DO=SIGNAL>TARGET or PAUSE: a fault, once, in the trainer of rank PROBE_RANK (default 0)
 of the job's first start (never in a launcher, nor in a group that torchrun restarted, nor in a job that SLURM
 requeued: the continuation runs clean). WHEN is "import:MODULE" (that import begins) or
-"call:MODULE.FUNCTION[:N]" (the N-th call of that Python function in the main thread: mnist_dist.train.poll
+"call:MODULE.FUNCTION[:N]" (the N-th call of that Python function in the main thread: mnist_dist.poll.poll
 runs every 10 steps and at each epoch's last step, accelerate.accelerator.save_state at each checkpoint).
 SIGNAL is KILL, TERM or INT; TARGET is self, launcher (the trainer's parent) or job (every process of the job's
 process group: launcher, trainers, DataLoader workers, as a scheduler's scancel signals them).
