@@ -1,10 +1,15 @@
-"""The benchmark's pieces: medians over runs, the report file it rewrites, and the export of an older commit."""
+"""The benchmark's pieces: medians over runs, the report file it rewrites, the export of an older commit, and the
+SLURM mode's plan of array tasks and its gathering of their runs (tests/test_bench_slurm.py runs it on SLURM)."""
+import json
 import math
 import subprocess
 import sys
 from types import SimpleNamespace
 
-from mnist_dist.bench import ELSEWHERE, export, report, summarize, write_report
+import pytest
+
+from mnist_dist.bench import (BASELINE, ELSEWHERE, FAST, LAUNCH, commands, export, gather, plan, report, summarize,
+                               write_report)
 
 from conftest import REPO, run as run_command
 
@@ -29,8 +34,11 @@ def test_summarize_without_a_run_that_reached_gives_nan():
 
 def test_the_report_names_the_thread_count_its_runs_had():
     runs = [{**run(5, True, 60.0, 5000), "seed": 1, "threads": 1}]
-    text = report({"baseline": runs, "fast": runs}, SimpleNamespace(seeds=1, baseline_runs=1, baseline_ref="abc"))
-    assert "One process, 1 thread(s)." in text
+    args = SimpleNamespace(seeds=1, baseline_runs=1, baseline_ref="abc", train_args="--epochs 2", slurm=True)
+    text = report({"baseline": runs, "fast": runs}, args, "a CPU")
+    assert "Machine: a CPU. One process, 1 thread(s)." in text
+    assert "`python -m mnist_dist.bench --seeds 1 --baseline-runs 1 --baseline-ref abc --train-args='--epochs 2' " \
+           "--slurm`" in text
 
 
 def test_report_keeps_the_hand_written_section_of_the_file_it_replaces(tmp_path):
@@ -51,3 +59,48 @@ def test_a_baseline_ref_runs_the_source_of_that_commit_not_the_installed_package
     assert (folder / "mnist_dist" / "train.py").read_text() == old
     found = run_command([sys.executable, "-c", "import mnist_dist; print(mnist_dist.__file__)"], cwd=folder, timeout=60)
     assert found.stdout.strip() == str(folder / "mnist_dist" / "__init__.py"), found.stderr
+
+
+def test_array_task_i_is_run_i_of_the_plan_the_paths_alternating_seed_by_seed():
+    assert plan(3, 1) == [("baseline", 1), ("fast", 1), ("fast", 2), ("fast", 3)]
+    assert plan(1, 2) == [("baseline", 1), ("fast", 1), ("baseline", 2)]
+    assert plan(2, 0) == [("fast", 1), ("fast", 2)]
+
+
+def test_both_paths_get_the_train_args_whole_and_last_and_a_baseline_ref_runs_from_its_export(tmp_path):
+    args = SimpleNamespace(train_args="--epochs 2 --config 'my runs/c.json'")
+    extra = ["--epochs", "2", "--config", "my runs/c.json"]
+    assert commands(args, None) == {"baseline": ([*LAUNCH["baseline"], *BASELINE, *extra], None),
+                                    "fast": ([*LAUNCH["fast"], *FAST, *extra], None)}
+    assert commands(args, tmp_path)["baseline"] == ([*LAUNCH["fast"], *FAST, *extra], tmp_path)
+
+
+def finished(workdir, name: str, seed: int, stop_epoch: int) -> None:
+    """The files a task leaves when its run ends: metrics.json and config.json, and the task's own record."""
+    out = workdir / f"{name}-seed{seed}"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps(run(stop_epoch, True, 60.0, 5000)))
+    (out / "config.json").write_text(json.dumps({"threads": 1}))
+    (workdir / f"{name}-seed{seed}.launch.json").write_text(json.dumps({"launch_seconds": 70.0, "machine": "cpu"}))
+
+
+def test_the_gatherer_takes_one_result_per_run_in_plan_order(tmp_path):
+    for name, seed, stop in (("fast", 2, 4), ("baseline", 1, 5), ("fast", 1, 3)):
+        finished(tmp_path, name, seed, stop)
+    results, machines = gather(tmp_path, plan(2, 1), "77")
+    assert [(m["seed"], m["stop_epoch"], m["launch_seconds"], m["threads"]) for m in results["fast"]] == \
+           [(1, 3, 70.0, 1), (2, 4, 70.0, 1)]
+    assert [m["seed"] for m in results["baseline"]] == [1] and machines == "cpu"
+
+
+def test_the_gatherer_names_every_run_a_failed_task_left_unfinished_with_its_log(tmp_path):
+    finished(tmp_path, "fast", 1, 3)
+    (tmp_path / "fast-seed2").mkdir()  # started, killed before its metrics.json
+    finished(tmp_path, "fast", 3, 3)
+    (tmp_path / "fast-seed3.launch.json").unlink()  # its metrics.json, but its task ended before recording it
+    with pytest.raises(SystemExit) as failed:
+        gather(tmp_path, plan(3, 1), "77")
+    logs = tmp_path / "logs"
+    assert str(failed.value) == (
+        f"mnist_dist.bench: 3 of 4 runs did not finish: baseline seed 1 (task 77_0, log {logs}/77_0.log); "
+        f"fast seed 2 (task 77_2, log {logs}/77_2.log); fast seed 3 (task 77_3, log {logs}/77_3.log)")

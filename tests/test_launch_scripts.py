@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO, run
 
-SCRIPTS = [*sorted((REPO / "launch").glob("*.sh")), REPO / "launch" / "slurm.sbatch", REPO / "tests" / "slurm" / "cluster.sh"]
+SCRIPTS = [*sorted((REPO / "launch").glob("*.sh")), *sorted((REPO / "launch").glob("*.sbatch")),
+           REPO / "tests" / "slurm" / "cluster.sh"]
 # The user's flags, one of them a value with a space: each must reach the trainer whole, and last.
 FLAGS = ["--epochs", "3", "--output-dir", "my runs/a"]
 # CUDA's own count on a machine of FAKE_GPUS devices, for `import torch` in the scripts' child processes: the
