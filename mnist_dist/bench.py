@@ -21,6 +21,7 @@ bench, named with its task's log.
 """
 import argparse
 import json
+import math
 import platform
 import re
 import shlex
@@ -109,16 +110,24 @@ def run_local(args) -> dict[str, list[dict]]:
     return results
 
 
+def epoch_seconds(m: dict) -> list[float]:
+    """Seconds of each whole epoch of a run, its evaluations included: the sum of its rows (two with --eval-every
+    0.5); an epoch the run stopped within is not whole."""
+    return [sum(e["seconds"] for e in m["epochs"] if math.ceil(e["epoch"]) == k)
+            for k in (e["epoch"] for e in m["epochs"]) if k == int(k)]
+
+
 def summarize(runs: list[dict]) -> dict:
     """Medians over runs; stop epochs and times over the runs that reached the target (nan if none did)."""
-    epochs = [e for m in runs for e in m["epochs"]]
+    rows = [e for m in runs for e in m["epochs"]]
     hits = [m for m in runs if m["reached_target"]]
 
     def median(key: str, over: list[dict] = hits) -> float:
         return statistics.median(m[key] for m in over) if over else float("nan")
     return {"runs": len(runs), "reached": len(hits),
-            "images_per_s": statistics.median(e["train_images"] / e["train_seconds"] for e in epochs),
-            "s_per_epoch": median("seconds", epochs), "stop_epoch": median("stop_epoch"),
+            "images_per_s": statistics.median(e["train_images"] / e["train_seconds"] for e in rows),
+            "s_per_epoch": statistics.median(s for m in runs for s in epoch_seconds(m)),
+            "stop_epoch": median("stop_epoch"),
             "max_stop_epoch": max((m["stop_epoch"] for m in hits), default=float("nan")),
             "time_to_target": median("wall_seconds"), "launch_to_exit": median("launch_seconds"),
             "final_acc": median("final_val_acc", runs)}

@@ -15,7 +15,8 @@ from conftest import REPO, run as run_command
 
 
 def run(stop_epoch: int, reached: bool, wall: float, images_per_s: float) -> dict:
-    epochs = [{"train_images": 60000, "train_seconds": 60000 / images_per_s, "seconds": 10.0}] * stop_epoch
+    epochs = [{"epoch": k, "train_images": 60000, "train_seconds": 60000 / images_per_s, "seconds": 10.0}
+              for k in range(1, stop_epoch + 1)]
     return {"stop_epoch": stop_epoch, "reached_target": reached, "wall_seconds": wall, "final_val_acc": 99.4,
             "launch_seconds": wall + 5, "epochs": epochs}
 
@@ -25,6 +26,13 @@ def test_summarize_takes_medians_and_counts_only_runs_that_reached():
     assert (s["runs"], s["reached"]) == (3, 2)
     assert (s["stop_epoch"], s["max_stop_epoch"], s["time_to_target"], s["launch_to_exit"]) == (5.5, 6, 65.0, 70.0)
     assert s["images_per_s"] == 7000  # median over all 30 epochs: 5 at 5,000, 6 at 6,000, 19 at 7,000
+
+
+def test_seconds_per_epoch_add_up_the_rows_of_each_whole_epoch():
+    halves = [{"epoch": e, "seconds": 5.0, "train_images": 30000, "train_seconds": 4.5} for e in (0.5, 1, 1.5, 2, 2.5)]
+    s = summarize([{"stop_epoch": 2.5, "reached_target": True, "wall_seconds": 30.0, "final_val_acc": 99.4,
+                    "launch_seconds": 35.0, "epochs": halves}])
+    assert s["s_per_epoch"] == 10.0 and s["stop_epoch"] == 2.5  # epochs 1 and 2; the half of epoch 3 is not one
 
 
 def test_summarize_without_a_run_that_reached_gives_nan():
