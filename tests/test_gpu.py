@@ -19,7 +19,7 @@ TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or 
 # 200 steps of 64 and one evaluation on the 10,000 test images; no tracker, which would only add files.
 SHORT = ["--epochs", "1", "--train-limit", "12800", "--target-acc", "100", "--report-to", "none"]
 STEPS = 200
-POLL_STEPS = 10  # mnist_dist.train's: the one host wait it allows in that many steps
+POLL_STEPS = 10  # mnist_dist.poll's: the one host wait it allows in that many steps
 
 
 def launched(out, root, *flags, precision="no", processes=0, env=None, timeout=300):
