@@ -106,7 +106,8 @@ MAY_CHANGE = {
     "config": "read into the other settings", "report_to": "where it is logged",
     "keep_checkpoints": "how many are kept", "timeout": "how long a collective waits",
     "start_timeout": "how long the start may wait",
-    "compile": "the same network, compiled", "cuda_graphs": "the same kernels, replayed"}
+    "compile": "the same network, compiled", "cuda_graphs": "the same kernels, replayed",
+    "eval_every": "when the run is scored, not what it trains (tests/test_eval_within.py)"}
 
 
 def test_every_setting_either_fixes_the_trajectory_or_may_change_on_resume():
