@@ -1,23 +1,27 @@
 """Real MNIST through torchvision: find the files, then serve batches through one of two input paths.
 
 - "tensor" (default): each split lives on the training device as one normalised tensor; a batch is one
-  indexing op and one batched random affine (affine_grid/grid_sample), with no per-image Python.
+  indexing op, then, in the training loop, one batched random affine (affine_grid/grid_sample), with no
+  per-image Python.
 - "torchvision": the seed's DataLoader with per-image PIL transforms: the baseline, and a place for your own.
 Either way they are plain DataLoaders that `accelerator.prepare` shards.
 """
 import atexit
 import copy
 import importlib.util
+import itertools
 import math
 import multiprocessing
 import os
 import shutil
 import signal
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -119,7 +123,8 @@ def random_affine(x: torch.Tensor, degrees: float, shift: float = 0.0) -> torch.
 
 class DeviceMNIST(Dataset):
     """A split held as one normalised tensor on the device. The DataLoader calls `__getitems__` with a whole
-    batch of positions, so a batch costs one gather and one batched rotation on the device.
+    batch of positions, so a batch costs one gather on the device. It draws nothing from torch's global random
+    stream: the training loop augments each batch (`augmentation`) when it takes it.
 
     Nothing of a batch comes from the host: a copy of its indices would make a GPU wait for the host every
     step. `order` (position -> image: the epoch's permutation, or the identity) lives on the device, and a
@@ -127,12 +132,11 @@ class DeviceMNIST(Dataset):
     `shuffle(seed)`, `set_epoch` (called by Accelerate's prepared loader at the start of every pass) draws
     the very permutation its seedable sampler would, so runs keep that sampler's order to the bit."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device, rotation: float = 0.0, shift: float = 0.0):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device):
         # In place, the same operations in the same order (the same bits): each new 188 MB temporary of the
         # 60,000 images costs its page faults, 0.2-0.3 s apiece on a 2-core machine.
         self.x = images.float().div_(255).sub_(MEAN).div_(STD).unsqueeze(1).to(device)
         self.y = labels.to(device)
-        self.rotation, self.shift = rotation, shift
         self.seed = None  # set by shuffle()
         self.set_epoch(0)
 
@@ -161,10 +165,7 @@ class DeviceMNIST(Dataset):
 
     def __getitems__(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.cat([self.order[run] for run in consecutive_runs(positions)])
-        x = self.x[idx]
-        if self.rotation or self.shift:
-            x = random_affine(x, self.rotation, self.shift)
-        return x, self.y[idx]
+        return self.x[idx], self.y[idx]
 
     def __getitem__(self, i: int):
         x, y = self.__getitems__([i])
@@ -196,11 +197,34 @@ def leave_stops_to_trainer(exiting, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def augmentation(s: Settings) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the training loop applies to each batch of the tensor path: --rotation and --shift, drawn on the
+    device. Drawn there, not by the dataset: Accelerate's loader fetches each batch one step ahead, so a
+    checkpoint mid-epoch would hold the random state after the next batch's draws, and its resume would give
+    that batch the draws of the one after. The torchvision path's workers augment with PIL (None here)."""
+    if s.loader != "tensor" or not (s.rotation or s.shift):
+        return None
+    return partial(random_affine, degrees=s.rotation, shift=s.shift)
+
+
+def epoch_batches(accelerator: Accelerator, loader: DataLoader, done: int,
+                  augment: Callable[[torch.Tensor], torch.Tensor] | None) -> Iterator:
+    """The epoch's batches after its first `done` steps (0: all of them), each augmented as the loop takes it.
+    Starting a DataLoader draws its base seed from torch's global stream; an epoch resumed `done` steps in drew
+    it at its start, before its checkpoint. That draw is put back, so the rest of the epoch draws (augmentation,
+    dropout) what the uninterrupted run drew."""
+    batches = iter(accelerator.skip_first_batches(loader, done) if done else loader)
+    with torch.random.fork_rng(devices=[], enabled=bool(done)):
+        first = next(batches, None)  # the loader starts: its seed, and its first fetches, which draw nothing
+    for x, y in itertools.chain([first] if first is not None else [], batches):
+        yield (augment(x) if augment else x), y
+
+
 def device_sets(s: Settings, root: Path, device) -> tuple:
-    """The tensor path's datasets: training (augmented), the same images plain, test; the DataLoaders' arguments."""
-    train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device, s.rotation, s.shift)
-    plain_ds = copy.copy(train_ds)  # the same tensors, no augmentation
-    plain_ds.rotation = plain_ds.shift = 0.0
+    """The tensor path's datasets: training, the same images (for validation and BatchNorm, never shuffled), test;
+    the DataLoaders' arguments."""
+    train_ds = DeviceMNIST(*load_tensors(root, True, s.train_limit), device)
+    plain_ds = copy.copy(train_ds)  # the same tensors: shuffle() sets the training one's order only
     test_ds = DeviceMNIST(*load_tensors(root, False, s.test_limit), device)
     return train_ds, plain_ds, test_ds, dict(collate_fn=whole_batch)
 

@@ -31,7 +31,7 @@ from accelerate.utils import broadcast_object_list, set_seed, tqdm  # noqa: E402
 from mnist_dist import checkpoint, rundir  # noqa: E402
 from mnist_dist.average import BN_BATCH, BN_IMAGES, Average  # noqa: E402
 from mnist_dist.checkpoint import TRAJECTORY, Progress  # noqa: E402
-from mnist_dist.data import load_tensors, make_loaders, prepare_mnist, sharding  # noqa: E402
+from mnist_dist.data import augmentation, epoch_batches, load_tensors, make_loaders, prepare_mnist, sharding  # noqa: E402
 from mnist_dist.distributed import (check_launch, check_launcher, collective_timeout, join_restarted_group,  # noqa: E402
                                     set_threads, sync_batchnorm, together, use_cpu)
 from mnist_dist.metrics import (Score, epoch_label, epoch_line, evaluation_points, final_line, met,  # noqa: E402
@@ -157,7 +157,7 @@ def train_epoch(run: Run, parts: Parts, progress: Progress) -> list[float] | Non
     acc, steps, done = run.accelerator, len(parts.train), progress.batches_done
     parts.model.train()
     parts.train.set_epoch(progress.epoch + 1)
-    batches = acc.skip_first_batches(parts.train, done) if done else parts.train
+    batches = epoch_batches(acc, parts.train, done, augmentation(run.s))
     within = evaluation_points(steps, run.s.eval_every)
     # Sums kept on the device, so that no step waits for it; `new_tensor(1)` would copy from the host.
     local = torch.zeros(3, device=acc.device)  # this rank's loss x images, correct, images since the last row

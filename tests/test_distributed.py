@@ -192,12 +192,11 @@ def test_fixed_global_batch_follows_the_one_process_trajectory(tmp_path, mnist_r
 
 
 def test_resume_on_two_processes_is_exact_at_an_epoch_boundary_and_mid_epoch(tmp_path, mnist_root):
-    """Without augmentation (whose next batch the loader draws ahead), a resumed run is the
-    uninterrupted one: the same weights, and epoch 1's training metrics over every image,
-    whether it stopped after epoch 1 or 10 steps into it (SIGTERM to rank 0, which both ranks act on)."""
+    """A resumed run is the uninterrupted one, augmentation and dropout drawn alike: the same weights, and
+    epoch 1's training metrics over every image, whether it stopped after epoch 1 or 10 steps into it (SIGTERM
+    to rank 0, which both ranks act on), though the loader had fetched step 11's batch before that checkpoint."""
     flags = ["--epochs", "2", "--schedule-epochs", "1", "--train-limit", "1500", "--test-limit", "200",
-             "--batch-size", "32", "--rotation", "0", "--shift", "0", "--target-acc", "100",
-             "--data-dir", str(mnist_root)]
+             "--batch-size", "32", "--dropout", "0.1", "--target-acc", "100", "--data-dir", str(mnist_root)]
     whole, boundary, mid = tmp_path / "whole", tmp_path / "boundary", tmp_path / "mid"
     assert launch(flags + ["--output-dir", str(whole)], processes=2).returncode == 0
 
