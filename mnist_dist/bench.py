@@ -117,20 +117,27 @@ def epoch_seconds(m: dict) -> list[float]:
             for k in (e["epoch"] for e in m["epochs"]) if k == int(k)]
 
 
+def test_acc(m: dict) -> float:
+    """A run's final test accuracy: scored once at the end with --val-split, else its last validation."""
+    return m.get("test_acc", m["final_val_acc"])
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Medians over runs; stop epochs and times over the runs that reached the target (nan if none did)."""
-    rows = [e for m in runs for e in m["epochs"]]
+    """Medians over runs; stop epochs and times over the runs that reached the target (nan where there are none:
+    no run reached, or the path did not run, --baseline-runs 0)."""
     hits = [m for m in runs if m["reached_target"]]
 
-    def median(key: str, over: list[dict] = hits) -> float:
-        return statistics.median(m[key] for m in over) if over else float("nan")
+    def median(values) -> float:
+        values = list(values)
+        return statistics.median(values) if values else float("nan")
     return {"runs": len(runs), "reached": len(hits),
-            "images_per_s": statistics.median(e["train_images"] / e["train_seconds"] for e in rows),
-            "s_per_epoch": statistics.median(s for m in runs for s in epoch_seconds(m)),
-            "stop_epoch": median("stop_epoch"),
+            "images_per_s": median(e["train_images"] / e["train_seconds"] for m in runs for e in m["epochs"]),
+            "s_per_epoch": median(s for m in runs for s in epoch_seconds(m)),
+            "stop_epoch": median(m["stop_epoch"] for m in hits),
             "max_stop_epoch": max((m["stop_epoch"] for m in hits), default=float("nan")),
-            "time_to_target": median("wall_seconds"), "launch_to_exit": median("launch_seconds"),
-            "final_acc": median("final_val_acc", runs)}
+            "time_to_target": median(m["wall_seconds"] for m in hits),
+            "launch_to_exit": median(m["launch_seconds"] for m in hits),
+            "final_acc": median(test_acc(m) for m in runs)}
 
 
 def machine() -> str:
@@ -174,7 +181,7 @@ def report(results: dict[str, list[dict]], args, machines: str) -> str:
     for name, runs in results.items():
         for m in runs:
             per_run.append(f"| {name} | {m['seed']} | {m['stop_epoch']} | {'yes' if m['reached_target'] else 'no'} "
-                           f"| {m['final_val_acc']:.2f} | {m['wall_seconds']:.1f} | {m['launch_seconds']:.1f} |")
+                           f"| {test_acc(m):.2f} | {m['wall_seconds']:.1f} | {m['launch_seconds']:.1f} |")
     return "\n".join([
         "# Benchmarks", "",
         f"Machine: {machines}. One process, {threads} thread(s). Command: `{invocation(args)}`.",
@@ -201,7 +208,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
         for i, m in enumerate(runs):
             ax.plot([e["elapsed"] for e in m["epochs"]], [e["val_acc"] for e in m["epochs"]], "-o", ms=2.5,
                     color=color, alpha=0.6, label=name if i == 0 else None)
-    target = next(iter(results.values()))[0]["target_acc"]
+    target = next(m for runs in results.values() for m in runs)["target_acc"]
     ax.axhline(target, color="gray", lw=1, label=f"target {target}%")
     ax.set(xlabel="seconds since process start", ylabel="test accuracy (%)", ylim=(98.0, 99.7),
            title="Test accuracy against wall-clock time")
@@ -315,7 +322,10 @@ def parse_args(argv: list[str] | None):
     slurm.add_argument("--slurm-timeout", type=float, default=86400,
                        help="seconds to wait for the array; past them it is cancelled and the bench fails")
     slurm.add_argument("--task", type=int, help=argparse.SUPPRESS)  # an array task's own call (bench_array.sbatch)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if min(args.seeds, args.baseline_runs) < 0 or args.seeds + args.baseline_runs == 0:
+        parser.error("--seeds and --baseline-runs count runs: 0 or more each, and at least one run in all")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -324,10 +334,11 @@ def main(argv: list[str] | None = None) -> None:
         return run_task(args)
     results, machines = run_slurm(args) if args.slurm else (run_local(args), machine())
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
+    # The runs first: they took the time; the report and the plot can be made again from them.
+    (args.markdown.parent / "bench_runs.json").write_text(json.dumps(results, indent=1))
     text = report(results, args, machines)
     plot(results, args.markdown.parent / "bench_accuracy_vs_time.png")
     write_report(args.markdown, text)
-    (args.markdown.parent / "bench_runs.json").write_text(json.dumps(results, indent=1))
     print(text)
 
 

@@ -8,15 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from mnist_dist.bench import (BASELINE, ELSEWHERE, FAST, LAUNCH, commands, export, gather, plan, report, summarize,
-                               write_report)
+from mnist_dist.bench import (BASELINE, ELSEWHERE, FAST, LAUNCH, commands, export, gather, parse_args, plan, plot,
+                               report, summarize, write_report)
 
 from conftest import REPO, run as run_command
 
 
 def run(stop_epoch: int, reached: bool, wall: float, images_per_s: float) -> dict:
-    epochs = [{"epoch": k, "train_images": 60000, "train_seconds": 60000 / images_per_s, "seconds": 10.0}
-              for k in range(1, stop_epoch + 1)]
+    epochs = [{"epoch": k, "train_images": 60000, "train_seconds": 60000 / images_per_s, "seconds": 10.0,
+               "elapsed": 10.0 * k, "val_acc": 99.0} for k in range(1, stop_epoch + 1)]
     return {"stop_epoch": stop_epoch, "reached_target": reached, "wall_seconds": wall, "final_val_acc": 99.4,
             "launch_seconds": wall + 5, "epochs": epochs}
 
@@ -38,6 +38,23 @@ def test_seconds_per_epoch_add_up_the_rows_of_each_whole_epoch():
 def test_summarize_without_a_run_that_reached_gives_nan():
     s = summarize([run(19, False, 300.0, 5000)])
     assert s["reached"] == 0 and math.isnan(s["stop_epoch"]) and math.isnan(s["time_to_target"])
+
+
+def test_a_bench_of_one_path_reports_it_and_the_held_out_runs_their_test_accuracy(tmp_path):
+    """--baseline-runs 0: the package's runs alone (no ratio); with --val-split a run's test accuracy is test_acc."""
+    runs = [{**run(5, True, 60.0, 5000), "seed": 1, "threads": 2, "test_acc": 99.5, "target_acc": 99.41}]
+    args = SimpleNamespace(seeds=1, baseline_runs=0, baseline_ref=None, train_args="--val-split 5000", slurm=False)
+    text = report({"baseline": [], "fast": runs}, args, "a CPU")
+    assert "| runs that reached the target | 0/0 | 1/1 |  |" in text
+    assert "| final test accuracy (median, %) | nan | 99.50 |  |" in text and "| fast | 1 | 5 | yes | 99.50 |" in text
+    plot({"baseline": [], "fast": runs}, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("counts", [["--seeds", "0", "--baseline-runs", "0"], ["--seeds", "-1"]])
+def test_a_bench_without_a_run_is_refused_before_it_starts(counts):
+    with pytest.raises(SystemExit):
+        parse_args(counts)
 
 
 def test_the_report_names_the_thread_count_its_runs_had():
