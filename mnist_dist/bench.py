@@ -117,7 +117,7 @@ def epoch_seconds(m: dict) -> list[float]:
             for k in (e["epoch"] for e in m["epochs"]) if k == int(k)]
 
 
-def test_acc(m: dict) -> float:
+def final_test_acc(m: dict) -> float:
     """A run's final test accuracy: scored once at the end with --val-split, else its last validation."""
     return m.get("test_acc", m["final_val_acc"])
 
@@ -137,7 +137,7 @@ def summarize(runs: list[dict]) -> dict:
             "max_stop_epoch": max((m["stop_epoch"] for m in hits), default=float("nan")),
             "time_to_target": median(m["wall_seconds"] for m in hits),
             "launch_to_exit": median(m["launch_seconds"] for m in hits),
-            "final_acc": median(test_acc(m) for m in runs)}
+            "final_acc": median(final_test_acc(m) for m in runs)}
 
 
 def machine() -> str:
@@ -181,7 +181,7 @@ def report(results: dict[str, list[dict]], args, machines: str) -> str:
     for name, runs in results.items():
         for m in runs:
             per_run.append(f"| {name} | {m['seed']} | {m['stop_epoch']} | {'yes' if m['reached_target'] else 'no'} "
-                           f"| {test_acc(m):.2f} | {m['wall_seconds']:.1f} | {m['launch_seconds']:.1f} |")
+                           f"| {final_test_acc(m):.2f} | {m['wall_seconds']:.1f} | {m['launch_seconds']:.1f} |")
     return "\n".join([
         "# Benchmarks", "",
         f"Machine: {machines}. One process, {threads} thread(s). Command: `{invocation(args)}`.",
