@@ -68,6 +68,16 @@ def plan(seeds: int, baseline_runs: int) -> list[tuple[str, int]]:
             for name, runs in (("baseline", baseline_runs), ("fast", seeds)) if seed <= runs]
 
 
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    """The run folder of (path, seed) under `root`: fixed, so that an array task and the gatherer agree on it."""
+    return root / f"{name}-seed{seed}"
+
+
+def launch_record(out: Path) -> Path:
+    """Beside run folder `out`: what its array task records once the command has ended (seconds, machine)."""
+    return out.with_name(f"{out.name}.launch.json")
+
+
 def commands(args, source: Path | None) -> dict[str, tuple[list[str], Path | None]]:
     """Each path's command and the folder it starts in: the baseline from the export `source` of --baseline-ref
     if given, else the seed-style recipe; both with the user's --train-args last."""
@@ -102,7 +112,7 @@ def run_local(args) -> dict[str, list[dict]]:
         paths = commands(args, source)
         for name, seed in plan(args.seeds, args.baseline_runs):
             cmd, cwd = paths[name]
-            out = Path(tmp) / f"{name}-seed{seed}"
+            out = run_dir(Path(tmp), name, seed)
             m = collect(out, seed, run_once(cmd, seed, args.data_dir, out, cwd))
             results[name].append(m)
             print(f"{name:8s} seed {seed:2d}: stop epoch {m['stop_epoch']:>4}, {m['final_val_acc']:.2f}%, "
@@ -232,10 +242,10 @@ def run_task(args) -> None:
     name, seed = plan(args.seeds, args.baseline_runs)[args.task]
     source = args.workdir / f"source-{args.baseline_ref}" if args.baseline_ref else None  # as export() named it
     cmd, cwd = commands(args, source)[name]
-    out = args.workdir / f"{name}-seed{seed}"
+    out = run_dir(args.workdir, name, seed)
     print(f"mnist_dist.bench: task {args.task}: {name} seed {seed} into {out}", flush=True)
     seconds = run_once([*cmd, "--resume", "auto"], seed, args.data_dir, out, cwd, stdout=None)  # None: to the log
-    out.with_name(f"{out.name}.launch.json").write_text(json.dumps({"launch_seconds": seconds, "machine": machine()}))
+    launch_record(out).write_text(json.dumps({"launch_seconds": seconds, "machine": machine()}))
 
 
 def submit(args, workdir: Path, tasks: int) -> str:
@@ -275,8 +285,8 @@ def gather(workdir: Path, todo: list[tuple[str, int]], job: str) -> tuple[dict[s
     results: dict[str, list[dict]] = {"baseline": [], "fast": []}
     machines, missing = set(), []
     for task, (name, seed) in enumerate(todo):
-        out = workdir / f"{name}-seed{seed}"
-        record = out.with_name(f"{out.name}.launch.json")
+        out = run_dir(workdir, name, seed)
+        record = launch_record(out)
         if not (out / "metrics.json").is_file() or not record.is_file():
             missing.append(f"{name} seed {seed} (task {job}_{task}, log {workdir / 'logs' / f'{job}_{task}.log'})")
             continue

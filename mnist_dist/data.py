@@ -216,7 +216,9 @@ def epoch_batches(accelerator: Accelerator, loader: DataLoader, done: int,
     batches = iter(accelerator.skip_first_batches(loader, done) if done else loader)
     with torch.random.fork_rng(devices=[], enabled=bool(done)):
         first = next(batches, None)  # the loader starts: its seed, and its first fetches, which draw nothing
-    for x, y in itertools.chain([first] if first is not None else [], batches):
+    if first is None:
+        return
+    for x, y in itertools.chain([first], batches):
         yield (augment(x) if augment else x), y
 
 
